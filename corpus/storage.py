@@ -1,0 +1,171 @@
+"""One storage root for every stage: a local folder or ``gs://bucket/prefix``.
+
+Everything a stage reads or writes goes through :class:`Storage`, addressed by a
+path relative to the root. Writes are atomic: a reader never sees half a file.
+
+* Local folders: write to a temporary sibling, then ``os.replace`` it into place.
+* Object stores (``gs://``): an object becomes visible only when its upload
+  completes, so a direct write is already atomic. A rename there would be a
+  copy plus a delete, which is slower and no safer.
+
+Folders that hold several files are published with a ``_SUCCESS.json`` marker
+written last (see :mod:`corpus.steps`); readers trust only marked folders.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# gcsfs reads this when it is imported; the experimental zonal/HNS bucket probe
+# fails against emulators and costs an extra request per bucket on real GCS.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import fsspec  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+MARKER = "_SUCCESS.json"
+
+
+class Storage:
+    """A storage root plus the few operations the stages need."""
+
+    def __init__(self, root: str, options: dict[str, Any] | None = None):
+        self.options = dict(options or {})
+        protocol, _ = fsspec.core.split_protocol(root)
+        self.protocol = protocol or "file"
+        if self.protocol == "file":
+            root = os.path.abspath(os.path.expanduser(fsspec.core.strip_protocol(root)))
+        self.root = root.rstrip("/")
+        self.fs = fsspec.filesystem(self.protocol, **self.options)
+        self.is_local = self.protocol == "file"
+
+    def __repr__(self) -> str:
+        return f"Storage({self.root!r})"
+
+    # -- addressing -------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """The filesystem path of a relative location (no protocol)."""
+        base = self.fs._strip_protocol(self.root) if not self.is_local else self.root
+        return posixpath.join(base, *[p.strip("/") for p in parts if p])
+
+    def url(self, *parts: str) -> str:
+        """The full URL of a relative location, for people and for logs."""
+        p = self.path(*parts)
+        return p if self.is_local else f"{self.protocol}://{p}"
+
+    # -- reading ----------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        """Names (not paths) directly under ``rel``; empty if it does not exist."""
+        p = self.path(rel)
+        if not self.fs.exists(p):
+            return []
+        self.fs.invalidate_cache(p)
+        return sorted(posixpath.basename(x.rstrip("/")) for x in self.fs.ls(p, detail=False))
+
+    def glob(self, pattern: str) -> list[str]:
+        """Relative paths matching ``pattern`` (relative to the root)."""
+        self.fs.invalidate_cache()
+        base = self.path("")
+        return sorted(posixpath.relpath(p, base) for p in self.fs.glob(self.path(pattern)))
+
+    def read_parquet(self, rels: list[str], columns: list[str] | None = None) -> pa.Table:
+        tables = []
+        for rel in rels:
+            with self.fs.open(self.path(rel), "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        if not tables:
+            raise FileNotFoundError("no parquet files given")
+        return pa.concat_tables(tables, promote_options="default")
+
+    # -- writing (atomic) -------------------------------------------------
+    @contextmanager
+    def open_atomic(self, rel: str) -> Iterator[io.BufferedWriter]:
+        """Open ``rel`` for binary writing; it appears whole on success, never otherwise."""
+        final = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            buf = io.BytesIO()
+            yield buf  # type: ignore[misc]
+            self.fs.pipe_file(final, buf.getvalue())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.open_atomic(rel) as f:
+            f.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_text(rel, json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
+
+    def write_parquet(self, rel: str, table: pa.Table, compression: str = "zstd") -> None:
+        with self.open_atomic(rel) as f:
+            pq.write_table(table, f, compression=compression)
+
+    def put_dir(self, local_dir: str, rel: str) -> None:
+        """Upload a finished local folder to ``rel`` (each file written atomically)."""
+        for dirpath, _, files in os.walk(local_dir):
+            for name in sorted(files):
+                src = os.path.join(dirpath, name)
+                sub = os.path.relpath(src, local_dir).replace(os.sep, "/")
+                with open(src, "rb") as f, self.open_atomic(posixpath.join(rel, sub)) as out:
+                    shutil.copyfileobj(f, out)
+
+    def get_dir(self, rel: str, local_dir: str) -> None:
+        """Download folder ``rel`` into ``local_dir``."""
+        base = self.path(rel)
+        self.fs.invalidate_cache(base)
+        for src in self.fs.find(base):
+            sub = posixpath.relpath(src, base)
+            dst = os.path.join(local_dir, *sub.split("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with self.fs.open(src, "rb") as f, open(dst, "wb") as out:
+                shutil.copyfileobj(f, out)
+
+    def remove(self, rel: str) -> None:
+        p = self.path(rel)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+    # -- markers ----------------------------------------------------------
+    def is_published(self, rel: str) -> bool:
+        return self.exists(posixpath.join(rel, MARKER))
+
+    def publish(self, rel: str, info: dict[str, Any]) -> None:
+        """Mark folder ``rel`` complete. Written last, after every file in it."""
+        self.write_json(posixpath.join(rel, MARKER), info)
+
+    def marker(self, rel: str) -> dict[str, Any]:
+        return self.read_json(posixpath.join(rel, MARKER))

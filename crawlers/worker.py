@@ -1,0 +1,61 @@
+"""One crawl of one source, run as its own process: ``python -m crawlers.worker JOB.json``.
+
+Scrapy's Twisted reactor cannot be restarted inside a process, so every crawl
+gets a fresh interpreter. The parent (:mod:`crawlers.crawl`) writes the job file
+and publishes what this process leaves in ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from scrapy.crawler import CrawlerProcess
+from scrapy.settings import Settings as ScrapySettings
+
+from crawlers.config import CrawlSettings, Source
+from crawlers.spiders.site import SiteSpider
+
+
+def scrapy_settings(job: dict) -> ScrapySettings:
+    source = Source(**job["source"])
+    crawl = CrawlSettings(**job["crawl"])
+    settings = ScrapySettings()
+    settings.setmodule("crawlers.settings", priority="project")
+    settings.setdict(
+        {
+            "USER_AGENT": crawl.agent(),
+            "DOWNLOAD_DELAY": crawl.download_delay,
+            "AUTOTHROTTLE_START_DELAY": max(crawl.download_delay, 0.1),
+            "CONCURRENT_REQUESTS_PER_DOMAIN": crawl.concurrent_requests_per_domain,
+            "DOWNLOAD_TIMEOUT": crawl.download_timeout,
+            "DOWNLOAD_MAXSIZE": crawl.max_download_bytes,
+            "DOWNLOAD_WARNSIZE": 0,
+            "DEPTH_LIMIT": source.max_depth,
+            "CLOSESPIDER_PAGECOUNT": source.max_pages,
+            "CLOSESPIDER_TIMEOUT": source.max_minutes * 60,
+            "JAGPT_ALLOW_PRIVATE_HOSTS": source.allow_private_hosts,
+            "JAGPT_OUT_DIR": job["out_dir"],
+            "JAGPT_SEEN_FILE": job["seen_file"],
+            "JAGPT_BATCH_ROWS": crawl.batch_rows,
+            "JAGPT_SOURCE": source.name,
+        },
+        priority="cmdline",
+    )
+    return settings
+
+
+def main(argv: list[str]) -> int:
+    with open(argv[0], encoding="utf-8") as f:
+        job = json.load(f)
+    process = CrawlerProcess(scrapy_settings(job), install_root_handler=True)
+    crawler = process.create_crawler(SiteSpider)
+    process.crawl(crawler, job=job)
+    process.start()
+    with open(job["stats_file"], "w", encoding="utf-8") as f:
+        json.dump(crawler.stats.get_stats(), f, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,132 @@
+"""A lossless byte-level BPE encoder for Japanese, built on the HF ``tokenizers`` library.
+
+* Every byte is a base token, so no input is ever unknown (byte fallback by
+  construction) and ``decode(encode(s)) == s`` for every valid string.
+* No normalizer: normalization belongs to the corpus stage.
+* Pre-tokenization does not look for spaces. It cuts text into runs that BPE
+  may merge within, never across: kanji+hiragana runs (so okurigana such as
+  食べる can become one token), katakana runs, Latin words, single digits,
+  runs of spaces/tabs, U+3000 runs, newline runs, and punctuation runs.
+* ``<|endoftext|>`` and ``<|pad|>`` are special tokens; text a user types that
+  looks like them is encoded as plain text unless ``allow_special=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+
+from pydantic import Field
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from corpus.settings import Settings
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOT, PAD]
+
+PRETOKENIZE_PATTERN = (
+    r"\p{N}"
+    r"|[\p{Han}\p{Hiragana}々〆ゝゞー]+"
+    r"|[\p{Katakana}ー・]+"
+    r"|[A-Za-z]+"
+    r"|\r\n|\n+"
+    r"|[ \t]+"
+    r"|\x{3000}+"
+    r"|[^\s\p{L}\p{N}]+"
+)
+
+
+class EncoderSettings(Settings):
+    vocab_size: int = Field(default=32000, ge=len(SPECIAL_TOKENS) + 256 + 1, le=65536)
+    min_frequency: int = Field(default=2, ge=1)
+    max_token_length: int = Field(default=16, ge=1, description="characters, as the BPE trainer counts them")
+    sample_chars: int = Field(default=200_000_000, gt=0, description="training text is cut at this many characters")
+
+
+class Encoder:
+    """Encode and decode with a trained tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer, tokenizer_id: str = ""):
+        self.tokenizer = tokenizer
+        self.tokenizer_id = tokenizer_id
+        self.eot_id = tokenizer.token_to_id(EOT)
+        self.pad_id = tokenizer.token_to_id(PAD)
+
+    @classmethod
+    def from_json(cls, text: str, tokenizer_id: str = "") -> Encoder:
+        return cls(Tokenizer.from_str(text), tokenizer_id)
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        self.tokenizer.encode_special_tokens = not allow_special
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        self.tokenizer.encode_special_tokens = True
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def build_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train(texts: Iterable[str], settings: EncoderSettings, tokenizer_id: str = "") -> Encoder:
+    """Train a BPE encoder on ``texts`` (cut at ``settings.sample_chars`` characters)."""
+
+    def sample() -> Iterator[str]:
+        budget = settings.sample_chars
+        for t in texts:
+            if budget <= 0:
+                return
+            yield t[:budget]
+            budget -= len(t)
+
+    tok = build_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=settings.vocab_size,
+        min_frequency=settings.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        max_token_length=settings.max_token_length,
+        show_progress=False,
+    )
+    tok.train_from_iterator(sample(), trainer=trainer)
+    return Encoder(tok, tokenizer_id)
+
+
+def stats(encoder: Encoder, texts: list[str]) -> dict:
+    """Characters and bytes per token on ``texts``, and whether they round-trip."""
+    ids = encoder.encode_batch(texts)
+    n_tokens = sum(len(i) for i in ids)
+    n_chars = sum(len(t) for t in texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    exact = all(encoder.decode(i) == t for i, t in zip(ids, texts))
+    return {
+        "vocab_size": encoder.vocab_size,
+        "tokens": n_tokens,
+        "chars_per_token": round(n_chars / max(n_tokens, 1), 3),
+        "bytes_per_token": round(n_bytes / max(n_tokens, 1), 3),
+        "round_trip_exact": exact,
+    }
+
+
+def report_json(encoder: Encoder, texts: list[str]) -> str:
+    return json.dumps({"tokenizer_id": encoder.tokenizer_id, **stats(encoder, texts)}, indent=2)

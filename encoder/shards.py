@@ -1,0 +1,110 @@
+"""Tokenize the corpus into fixed-size shards of token ids, with a manifest.
+
+Layout under the step's folder::
+
+    train/shard-00000.npy ...   uint16 (uint32 if the vocabulary needs it)
+    val/shard-00000.npy ...
+    manifest.json               token counts, sha256 per shard, tokenizer id
+
+Documents go to train or val by a hash of their doc id, so the split is stable
+as the corpus grows. Each document is followed by ``<|endoftext|>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import numpy as np
+from pydantic import Field
+
+from corpus.settings import Settings
+from corpus.storage import Storage
+from encoder.bpe import Encoder
+
+
+class ShardSettings(Settings):
+    shard_tokens: int = Field(default=16 * 1024 * 1024, gt=0)
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)
+    batch_docs: int = Field(default=256, gt=0)
+
+
+def is_val(doc_id: str, fraction: float) -> bool:
+    return int(doc_id[:8], 16) / 0x1_0000_0000 < fraction
+
+
+class _ShardWriter:
+    def __init__(self, storage: Storage, folder: str, split: str, shard_tokens: int, dtype):
+        self.storage, self.folder, self.split = storage, folder, split
+        self.shard_tokens, self.dtype = shard_tokens, dtype
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.shards: list[dict] = []
+        self.documents = 0
+
+    def add(self, ids: list[int]) -> None:
+        self.buffer.append(np.asarray(ids, dtype=self.dtype))
+        self.buffered += len(ids)
+        self.documents += 1
+        while self.buffered >= self.shard_tokens:
+            self._write(self.shard_tokens)
+
+    def _write(self, n: int) -> None:
+        flat = np.concatenate(self.buffer)
+        shard, rest = flat[:n], flat[n:]
+        self.buffer, self.buffered = [rest], len(rest)
+        buf = io.BytesIO()
+        np.save(buf, shard, allow_pickle=False)
+        data = buf.getvalue()
+        rel = f"{self.split}/shard-{len(self.shards):05d}.npy"
+        self.storage.write_bytes(f"{self.folder}/{rel}", data)
+        self.shards.append({"path": rel, "tokens": int(len(shard)), "sha256": hashlib.sha256(data).hexdigest()})
+
+    def close(self) -> dict:
+        if self.buffered:
+            self._write(self.buffered)
+        return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+
+
+def build_shards(
+    storage: Storage, corpus_docs: str, encoder: Encoder, settings: ShardSettings, out: str, corpus_id: str
+) -> dict:
+    """Tokenize ``corpus_docs`` (a docs.parquet) into shards under ``out``; returns the manifest."""
+    docs = storage.read_parquet([corpus_docs], columns=["doc_id", "text"])
+    doc_ids, texts = docs["doc_id"].to_pylist(), docs["text"].to_pylist()
+    val_mask = [is_val(d, settings.val_fraction) for d in doc_ids]
+    if len(doc_ids) >= 2 and not any(val_mask):
+        val_mask[min(range(len(doc_ids)), key=lambda i: doc_ids[i])] = True  # never an empty val split
+    dtype = np.uint16 if encoder.vocab_size <= 65536 else np.uint32
+    writers = {s: _ShardWriter(storage, out, s, settings.shard_tokens, dtype) for s in ("train", "val")}
+    for start in range(0, len(texts), settings.batch_docs):
+        batch = texts[start : start + settings.batch_docs]
+        for offset, ids in enumerate(encoder.encode_batch(batch)):
+            split = "val" if val_mask[start + offset] else "train"
+            writers[split].add(ids + [encoder.eot_id])
+    manifest = {
+        "tokenizer_id": encoder.tokenizer_id,
+        "vocab_size": encoder.vocab_size,
+        "eot_id": encoder.eot_id,
+        "dtype": np.dtype(dtype).name,
+        "corpus": corpus_id,
+        "splits": {s: w.close() for s, w in writers.items()},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_json(f"{out}/manifest.json", manifest)
+    return manifest
+
+
+def load_split(storage: Storage, shards_dir: str, split: str, verify: bool = True) -> np.ndarray:
+    """All tokens of one split, checked against the manifest's sha256."""
+    manifest = storage.read_json(f"{shards_dir}/manifest.json")
+    arrays = []
+    for shard in manifest["splits"][split]["shards"]:
+        data = storage.read_bytes(f"{shards_dir}/{shard['path']}")
+        if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise ValueError(f"shard {shard['path']} in {storage.url(shards_dir)} does not match its manifest sha256")
+        arrays.append(np.load(io.BytesIO(data), allow_pickle=False))
+    if not arrays:
+        raise ValueError(f"split {split!r} of {storage.url(shards_dir)} has no tokens")
+    return np.concatenate(arrays)
