@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    from flows.pipeline import STAGES
+    from flows.stages import STAGES
 
     p = verb("pipeline", cmd_pipeline, "run the whole DAG as a Prefect flow")
     p.add_argument("--skip-crawl", action="store_true", help="use the raw pages already stored")

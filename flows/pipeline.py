@@ -15,10 +15,8 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import stages
+from flows.stages import STAGES
 from flows.config import Config, load_config
-
-STAGES = ["crawl", "extract", "clean", "dedup", "encoder", "shards", "train", "register", "generate"]
-
 
 def _logged(result, name: str):
     logger = get_run_logger()

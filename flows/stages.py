@@ -27,6 +27,8 @@ from model.train import model_config_of, train
 
 log = logging.getLogger(__name__)
 
+STAGES = ["crawl", "extract", "clean", "dedup", "encoder", "shards", "train", "register", "generate"]
+
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
 VERSIONS = {"extract": 1, "clean": 1, "dedup": 1, "encoder": 1, "shards": 1, "train": 1}

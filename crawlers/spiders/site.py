@@ -24,6 +24,7 @@ class SiteSpider(scrapy.Spider):
         self.source = Source(**job["source"])
         self.run_id = job["run_id"]
         self.allowed_domains = self.source.domains()
+        self.pages = 0
         # Domains are enforced by Scrapy's offsite middleware (allowed_domains);
         # LinkExtractor's allow_domains compares host:port and so misses ported URLs.
         self.links = LinkExtractor(allow=self.source.allow, deny=self.source.deny)
@@ -50,7 +51,13 @@ class SiteSpider(scrapy.Spider):
         content_type = response.headers.get(b"Content-Type", b"").decode("latin-1")
         mime = content_type.split(";")[0].strip().lower()
         if mime not in HTML_TYPES:
-            stats.inc_value(f"jagpt/failed/content_type")
+            stats.inc_value("jagpt/failed/content_type")
+            return
+        # CLOSESPIDER_PAGECOUNT stops the engine, but responses already in flight
+        # still arrive; the page limit is a promise, so they are not stored.
+        self.pages += 1
+        if self.pages > self.source.max_pages:
+            stats.inc_value("jagpt/skipped/page_limit")
             return
         encoding, where = charset.decide(response.body, content_type)
         if where == "fallback":
