@@ -57,8 +57,13 @@ WITH counted AS (
     n_kata / greatest(n_hira + n_kata + n_han, 1) AS katakana_ratio,
     coalesce(list_avg(list_transform(sentences, lambda s: length(s))), 0) AS mean_sentence_chars,
     coalesce(list_max(list_transform(sentences, lambda s: length(s))), 0) AS max_sentence_chars,
-    row_number() OVER (PARTITION BY doc_id ORDER BY fetched_at, url) AS copy_rank
+    row_number() OVER (PARTITION BY url ORDER BY fetched_at DESC) AS fetch_rank
   FROM counted
+), ranked AS (
+  -- Only the newest fetch of each URL competes for a doc id, so a page that
+  -- was refetched unchanged is never dropped twice over.
+  SELECT *, row_number() OVER (PARTITION BY doc_id, fetch_rank = 1 ORDER BY fetched_at, url) AS copy_rank
+  FROM ratios
 )
 SELECT *,
   list_filter([
@@ -69,9 +74,10 @@ SELECT *,
     CASE WHEN mean_sentence_chars < $min_mean_sentence_chars THEN 'short_sentences' END,
     CASE WHEN mean_sentence_chars > $max_mean_sentence_chars THEN 'long_sentences' END,
     CASE WHEN max_sentence_chars > $max_sentence_chars THEN 'overlong_sentence' END,
-    CASE WHEN copy_rank > 1 THEN 'exact_duplicate' END
+    CASE WHEN copy_rank > 1 THEN 'exact_duplicate' END,
+    CASE WHEN fetch_rank > 1 THEN 'superseded' END
   ], lambda x: x IS NOT NULL) AS reasons
-FROM ratios
+FROM ranked
 """
 
 

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 STAGES = ["crawl", "extract", "clean", "dedup", "encoder", "shards", "train", "register", "generate"]
 
+# Settings that change how fast a step runs, never what it writes: kept out of step keys.
+RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit"}
+
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
 VERSIONS = {"extract": 1, "clean": 1, "dedup": 1, "encoder": 1, "shards": 1, "train": 1}
@@ -50,7 +53,7 @@ def extract_all(storage: Storage, cfg: Config) -> list[StepResult]:
         files = partition_files(storage, partition)
         results.append(
             run_step(
-                storage, "extract", VERSIONS["extract"], {"raw": partition}, cfg.extract.model_dump(),
+                storage, "extract", VERSIONS["extract"], {"raw": partition}, cfg.extract.model_dump(exclude=RUNTIME_ONLY),
                 lambda out, files=files: extract_partition(storage, files, cfg.extract, out),
             )
         )
@@ -62,7 +65,7 @@ def extract_all(storage: Storage, cfg: Config) -> list[StepResult]:
 def clean_step(storage: Storage, cfg: Config, extracted: list[StepResult]) -> StepResult:
     ids = sorted(e.id for e in extracted)
     return run_step(
-        storage, "corpus/clean", VERSIONS["clean"], {"extracted": ids}, cfg.clean.model_dump(),
+        storage, "corpus/clean", VERSIONS["clean"], {"extracted": ids}, cfg.clean.model_dump(exclude=RUNTIME_ONLY),
         lambda out: clean(
             storage,
             [f"{e.path}/extracted.parquet" for e in extracted],

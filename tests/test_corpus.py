@@ -110,3 +110,20 @@ def test_dedup_keeps_the_earliest_member_and_records_why(tmp_path):
     assert [k["url"] for k in kept] == ["http://a/1"]  # fetched first
     assert drop["reasons"] == ["near_duplicate"] and json.loads(drop["detail"])["kept_url"] == "http://a/1"
     assert stats["near_duplicates"] == 1
+
+
+def test_a_refetched_page_supersedes_its_older_copy(tmp_path):
+    storage = Storage(str(tmp_path))
+    old, new = datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 1, 8, tzinfo=timezone.utc)
+    rows = [
+        {"url": "http://a/p", "source": "s", "genre": "news", "fetched_at": t, "content_sha1": "0", "title": "",
+         "published": "", "lang": "ja", "text": text}
+        for t, text in [(old, STORY * 2), (new, STORY * 2 + "追記しました。"), (new, STORY * 2)]
+    ]
+    rows[2]["url"] = "http://a/q"  # another page that now repeats the old text
+    storage.write_parquet("e/extracted.parquet", pa.Table.from_pylist(rows, schema=EXTRACTED))
+    clean(storage, ["e/extracted.parquet"], [], CleanSettings(min_chars=100), "out")
+    kept = storage.read_parquet(["out/docs.parquet"]).to_pylist()
+    dropped = storage.read_parquet(["out/dropped.parquet"]).to_pylist()
+    assert sorted((k["url"], k["text"].endswith("追記しました。")) for k in kept) == [("http://a/p", True), ("http://a/q", False)]
+    assert [(d["url"], d["reasons"]) for d in dropped] == [("http://a/p", ["superseded"])]

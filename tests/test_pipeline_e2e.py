@@ -1,0 +1,99 @@
+"""The whole DAG under Prefect, crawling the sample site over HTTP into gs:// on the emulator."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from corpus.schema import DOC, DROPPED, RAW_PAGE
+from flows.config import default_config_text
+from tests.conftest import free_port
+
+JAGPT = os.path.join(os.path.dirname(sys.executable), "jagpt")
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, gcs_endpoint):
+    cfg = yaml.safe_load(default_config_text())
+    port = free_port()
+    cfg["storage"] = {"root": "gs://jagpt-test/e2e", "options": {"endpoint_url": gcs_endpoint, "token": "anon"}}
+    src = cfg["sources"][0]
+    src["start_urls"] = [f"http://127.0.0.1:{port}/"]
+    src["sitemaps"] = [f"http://127.0.0.1:{port}/sitemap.xml"]
+    cfg["train"].update(steps=120, eval_every=40, checkpoint_every=60)
+    path = tmp_path_factory.mktemp("e2e") / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(config_file, prefect_harness, tmp_path_factory):
+    os.environ["JAGPT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    from flows.pipeline import pipeline
+
+    first = pipeline(config_path=config_file)
+    second = pipeline(config_path=config_file)
+    return first, second
+
+
+def _stage(summary, name):
+    return next(r for r in summary["stages"] if r["stage"] == name)
+
+
+def test_first_run_goes_through_every_stage(runs, config_file):
+    first, _ = runs
+    crawl = _stage(first, "crawl sample-site")["figures"]
+    assert crawl["new"] == 36 and crawl["failed"]["robots"] == 1 and crawl["encodings"]["cp932"] == 1
+    dropped = _stage(first, "clean")["figures"]["dropped"]
+    assert dropped["exact_duplicate"] == 1 and dropped["not_japanese"] == 1 and dropped["overlong_sentence"] >= 1
+    assert _stage(first, "dedup")["figures"]["near_duplicates"] == 1
+    assert _stage(first, "encoder")["figures"]["round_trip_exact"] is True
+    train = _stage(first, "train")["figures"]
+    assert train["final_val_loss"] < train["first_val_loss"] - 0.5  # the loss falls
+    assert first["checkpoint"]["val_loss"] == train["final_val_loss"]
+    assert re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", first["sample"])
+
+
+def test_outputs_follow_the_data_contracts(runs, config_file):
+    from flows.config import load_config
+
+    first, _ = runs
+    storage = load_config(config_file).storage_root()
+    assert storage.url().startswith("gs://")
+    raw = storage.glob("raw/source=sample-site/run=*/part-*.parquet")
+    assert storage.read_parquet(raw).schema.equals(RAW_PAGE)
+    corpus = first["steps"]["dedup"]
+    assert storage.read_parquet([f"{corpus}/docs.parquet"]).schema.equals(DOC)
+    assert storage.read_parquet([f"{corpus}/dropped.parquet"]).schema.equals(DROPPED)
+    manifest = storage.read_json(f"{first['steps']['shards']}/manifest.json")
+    assert manifest["tokenizer_id"] == first["checkpoint"]["tokenizer_id"]
+    assert {"train", "val"} <= set(manifest["splits"]) and all(len(s["sha256"]) == 64 for s in manifest["splits"]["train"]["shards"])
+    assert storage.exists(f"{first['steps']['train']}/loss.png")
+    assert storage.exists(f"{corpus}/composition.png")
+
+
+def test_second_run_adds_nothing_and_redoes_nothing(runs, config_file):
+    first, second = runs
+    crawl = _stage(second, "crawl sample-site")
+    assert crawl["status"] == "stored nothing new" and crawl["figures"]["unchanged"] == 36
+    for name in ("extract", "clean", "dedup", "encoder", "shards", "train"):
+        assert _stage(second, name)["status"].startswith("cached"), name
+    assert _stage(second, "register")["status"] == "already registered"
+    assert second["steps"] == first["steps"]
+
+
+def test_cli_generates_from_the_newest_checkpoint(runs, config_file):
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run(
+        [JAGPT, "generate", "--config", config_file, "--prompt", "むかし、むかし", "--max-new-tokens", "30", "--seed", "1"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("むかし、むかし")
+    assert re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", done.stdout[len("むかし、むかし"):])
+
+    listed = subprocess.run([JAGPT, "checkpoints", "--config", config_file], capture_output=True, text=True, timeout=120, env=env)
+    assert listed.returncode == 0 and runs[0]["checkpoint"]["run_id"] in listed.stdout
