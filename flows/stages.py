@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 STAGES = ["crawl", "extract", "clean", "dedup", "encoder", "shards", "train", "register", "generate"]
 
 # Settings that change how fast a step runs, never what it writes: kept out of step keys.
-RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit"}
+RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs"}
 
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
@@ -117,7 +117,7 @@ def shards_step(storage: Storage, cfg: Config, tokenizer: StepResult, corpus: St
 
     return run_step(
         storage, "shards", VERSIONS["shards"], {"tokenizer": tokenizer.id, "corpus": corpus.id},
-        cfg.shards.model_dump(), run,
+        cfg.shards.model_dump(exclude=RUNTIME_ONLY), run,
     )
 
 
