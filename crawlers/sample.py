@@ -11,7 +11,7 @@ from importlib import resources
 
 
 def site_dir() -> str:
-    return str(resources.files("crawlers") / "sample_site")
+    return str(resources.files("crawlers") / "sample-site")
 
 
 class _SampleSiteHandler(SimpleHTTPRequestHandler):
