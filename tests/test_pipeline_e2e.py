@@ -97,3 +97,13 @@ def test_cli_generates_from_the_newest_checkpoint(runs, config_file):
 
     listed = subprocess.run([JAGPT, "checkpoints", "--config", config_file], capture_output=True, text=True, timeout=120, env=env)
     assert listed.returncode == 0 and runs[0]["checkpoint"]["run_id"] in listed.stdout
+
+
+def test_run_summary_is_a_prefect_markdown_artifact(runs):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-summary"])))
+    assert len(artifacts) >= 2 and all(a.type == "markdown" for a in artifacts)
+    assert any("| train |" in a.data and "final_val_loss" in a.data for a in artifacts)
