@@ -20,8 +20,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import pyarrow.compute as pc
-
 from corpus.storage import MARKER, Storage
 from crawlers.config import CrawlSettings, Source
 from crawlers.sample import serve_sample_site
@@ -152,8 +150,3 @@ def crawl_source(storage: Storage, source: Source, settings: CrawlSettings, run_
         storage.put_dir(out_dir, partition)
         storage.publish(partition, {"source": source.name, "run_id": run_id, "files": parts, "stats": stats})
         return CrawlResult(source.name, run_id, partition, stats)
-
-
-def count_rows(storage: Storage, partition: str) -> int:
-    t = storage.read_parquet(partition_files(storage, partition), columns=["url"])
-    return int(pc.count(t["url"]).as_py())
