@@ -1,27 +1,39 @@
 """The extract stage: raw HTML pages -> main text, with trafilatura set for Japanese.
 
-Runs per raw partition, in a process pool, so it uses every core and can be
-rerun without crawling again. A page with no main text, or one that trafilatura
-chokes on, is dropped with its reason, never fatal.
+Runs per raw partition, in worker processes (:func:`corpus.pool.robust_map`), so
+it uses every core and can be rerun without crawling again. A page with no main
+text, one that trafilatura raises on, one that runs longer than
+``page_timeout_s``, and one that crashes its worker process are each dropped
+with their reason, never fatal.
+
+Partitions smaller than ``pool_min_pages`` are extracted in this process, which
+saves starting the workers but has no such guard: there, a page that hangs
+hangs the stage, and one that crashes the interpreter ends it. Exceptions are
+still caught per page.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+import posixpath
 import re
-from concurrent.futures import ProcessPoolExecutor
-from functools import lru_cache
+import time
+from collections.abc import Iterator
+from functools import lru_cache, partial
 
 import pyarrow as pa
 from pydantic import Field
 
+from corpus.pool import CRASH, OK, TIMEOUT, describe, robust_map
 from corpus.schema import DROPPED, EXTRACTED
 from corpus.settings import Settings
 from corpus.storage import Storage
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 5.0  # at most one progress log line this often
+CHUNK_PAGES = 16  # pages sent to a worker at a time
 
 _HTML_LANG = re.compile(r"<html[^>]*?\blang\s*=\s*[\"']?([A-Za-z]{2,3}(?:-[A-Za-z0-9]+)*)", re.I)
 
@@ -34,6 +46,8 @@ class ExtractSettings(Settings):
     include_tables: bool = True
     workers: int = Field(default=0, ge=0, description="processes; 0 means one per core")
     pool_min_pages: int = Field(default=64, ge=1, description="below this, extract in-process")
+    # In the step key: it decides which pages are dropped as extract_timeout.
+    page_timeout_s: float = Field(default=30.0, gt=0, description="a page still running after this is dropped")
 
 
 @lru_cache(maxsize=4)
@@ -50,7 +64,12 @@ def _trafilatura_config(min_extracted: int, min_output: int):
 def extract_html(html: str, url: str, settings: ExtractSettings) -> dict | None:
     """Main text and metadata of one page, or None if it has no main text."""
     import trafilatura
+    from trafilatura.deduplication import LRU_TEST
 
+    # deduplicate=True remembers text segments in a process-wide cache; cleared
+    # per page, it drops repeats within the page, and the result no longer
+    # depends on which pages the same worker process saw before.
+    LRU_TEST.clear()
     doc = trafilatura.bare_extraction(
         html,
         url=url,
@@ -71,9 +90,8 @@ def extract_html(html: str, url: str, settings: ExtractSettings) -> dict | None:
     }
 
 
-def _extract_row(args: tuple[dict, dict]) -> tuple[str, dict | str]:
-    row, settings_dict = args
-    settings = ExtractSettings(**settings_dict)
+def _extract_row(settings: ExtractSettings, row: dict) -> tuple[str, dict | str]:
+    """("kept", extracted fields) or ("dropped", "reason: detail") for one raw row."""
     try:
         html = row["body"].decode(row["encoding"])
     except (UnicodeDecodeError, LookupError) as e:
@@ -81,28 +99,55 @@ def _extract_row(args: tuple[dict, dict]) -> tuple[str, dict | str]:
     try:
         result = extract_html(html, row["url"], settings)
     except Exception as e:  # trafilatura and lxml raise many kinds on hostile HTML
-        return "dropped", f"extract_error: {type(e).__name__}: {e}"
+        return "dropped", f"extract_error: {describe(e)}"
     if result is None:
         return "dropped", "no_text"
     return "kept", result
 
 
-def extract_partition(storage: Storage, files: list[str], settings: ExtractSettings, out: str) -> dict:
-    """Extract every page of one raw partition into ``out``; returns counts."""
-    raw = storage.read_parquet(files)
-    rows = raw.to_pylist()
-    jobs = [(r, settings.model_dump()) for r in rows]
-    workers = settings.workers or os.cpu_count() or 1
-    if len(rows) >= settings.pool_min_pages and workers > 1:
-        # spawn, not fork: the parent may hold JAX or Prefect threads.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            results = list(pool.map(_extract_row, jobs, chunksize=16))
-    else:
-        results = [_extract_row(j) for j in jobs]
+def _import_trafilatura() -> None:
+    """Worker initializer: the import takes a while and must not count against a page's timeout."""
+    import trafilatura  # noqa: F401
 
+
+def _outcomes(rows: list[dict], settings: ExtractSettings) -> Iterator[tuple[str, dict | str]]:
+    """("kept" | "dropped", value) per row, in order, from the pool or in-process."""
+    extract = partial(_extract_row, settings)
+    if len(rows) < settings.pool_min_pages:
+        yield from map(extract, rows)
+        return
+    workers = settings.workers or os.cpu_count() or 1
+    timeout = settings.page_timeout_s
+    for row, (status, value) in zip(
+        rows, robust_map(extract, rows, workers, timeout, CHUNK_PAGES, initializer=_import_trafilatura)
+    ):
+        if status == OK:
+            yield value
+        elif status == TIMEOUT:
+            log.warning("extract: %s ran longer than %ss; dropped", row["url"], timeout)
+            yield "dropped", f"extract_timeout: no result after {timeout}s"
+        elif status == CRASH:
+            log.warning("extract: %s crashed its worker (exit code %s); dropped", row["url"], value)
+            yield "dropped", f"extract_crash: the worker process died (exit code {value})"
+        else:  # the worker could not run it or send its result back
+            yield "dropped", f"extract_error: {value}"
+
+
+def extract_partition(
+    storage: Storage, files: list[str], settings: ExtractSettings, out: str, name: str | None = None
+) -> dict:
+    """Extract every page of one raw partition into ``out``; returns counts.
+
+    ``name`` labels the progress log lines (default: the folder of the first file).
+    """
+    name = name or (posixpath.dirname(files[0]) if files else out)
+    rows = storage.read_parquet(files).to_pylist()
     kept, dropped = [], []
-    for row, (status, value) in zip(rows, results):
+    last_log = time.monotonic()
+    for i, (row, (status, value)) in enumerate(zip(rows, _outcomes(rows, settings)), 1):
+        if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+            log.info("extract %s: %d/%d pages", name, i, len(rows))
+            last_log = time.monotonic()
         base = {k: row[k] for k in ("url", "source", "genre", "fetched_at")}
         if status == "kept":
             kept.append({**base, "content_sha1": row["content_sha1"], **value})

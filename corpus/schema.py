@@ -19,6 +19,7 @@ RAW_PAGE = pa.schema(
         ("content_type", pa.string()),
         ("encoding", pa.string()),
         ("encoding_source", pa.string()),
+        ("charset_declared", pa.string()),
         ("depth", pa.int32()),
         ("content_sha1", pa.string()),
         ("body", pa.binary()),

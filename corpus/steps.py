@@ -7,7 +7,8 @@ step's stats. So:
 
 * a rerun with the same inputs and settings finds the marker and does nothing;
 * a changed setting gives a new key, and only the stages downstream of it rerun;
-* a crash mid-step leaves a folder without a marker, which is cleared and redone.
+* a crash mid-step leaves a folder without a marker, which is cleared and redone;
+* ``force=True`` redoes a step even though it finished (``jagpt reextract``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from corpus.storage import Storage
+from corpus.storage import MARKER, Storage
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,20 @@ def run_step(
     settings: dict[str, Any],
     fn: Callable[[str], dict[str, Any]],
     key_prefix: str = "",
+    force: bool = False,
 ) -> StepResult:
     """Run ``fn(out_path)`` unless an identical step already finished.
 
     ``fn`` writes its files under ``out_path`` and returns JSON-able stats.
+    With ``force``, a finished step is unpublished, removed and run again.
     """
     key = key_prefix + content_key(stage, version, inputs, settings)
     out = f"{stage}/{key}"
-    if storage.is_published(out):
+    if force and storage.is_published(out):
+        log.info("%s: recomputing %s (forced)", stage, storage.url(out))
+        # The marker goes first, so no reader trusts a half-removed folder.
+        storage.remove(f"{out}/{MARKER}")
+    elif storage.is_published(out):
         marker = storage.marker(out)
         log.info("%s: inputs and settings unchanged, reusing %s", stage, storage.url(out))
         return StepResult(stage, key, out, marker.get("stats", {}), cached=True)

@@ -8,6 +8,10 @@ from urllib.parse import urlsplit
 
 from scrapy.exceptions import IgnoreRequest
 
+class RefusedAddress(IgnoreRequest):
+    """A request to a private, loopback, link-local or metadata address."""
+
+
 _METADATA_HOSTS = {"metadata.google.internal", "metadata"}
 
 
@@ -50,5 +54,5 @@ class PrivateAddressGuard:
         addr = blocked_address(host)
         if addr is not None:
             self.stats.inc_value("jagpt/failed/refused_address")
-            raise IgnoreRequest(f"refused {request.url}: {host} resolves to non-public address {addr}")
+            raise RefusedAddress(f"refused {request.url}: {host} resolves to non-public address {addr}")
         return None

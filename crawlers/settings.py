@@ -17,7 +17,7 @@ LOG_LEVEL = "WARNING"
 
 DOWNLOADER_MIDDLEWARES = {
     # Before robots.txt and everything else: a refused address is never contacted.
-    "crawlers.middlewares.PrivateAddressGuard": 50,
+    "crawlers.middlewares.PrivateAddressGuard": 10,
 }
 ITEM_PIPELINES = {
     "crawlers.pipelines.ParquetPagePipeline": 300,

@@ -1,8 +1,9 @@
 """One crawl of one source, run as its own process: ``python -m crawlers.worker JOB.json``.
 
 Scrapy's Twisted reactor cannot be restarted inside a process, so every crawl
-gets a fresh interpreter. The parent (:mod:`crawlers.crawl`) writes the job file
-and publishes what this process leaves in ``out_dir``.
+gets a fresh interpreter. The worker writes pages and fetch logs straight
+under the storage root; the parent (:mod:`crawlers.crawl`) publishes the run
+once the worker has exited cleanly.
 """
 
 from __future__ import annotations
@@ -15,30 +16,33 @@ from scrapy.settings import Settings as ScrapySettings
 
 from crawlers.config import CrawlSettings, Source
 from crawlers.spiders.site import SiteSpider
+from crawlers.spiders.sitemap import SitemapSpider
+
+SPIDERS = {"site": SiteSpider, "sitemap": SitemapSpider}
 
 
 def scrapy_settings(job: dict) -> ScrapySettings:
     source = Source(**job["source"])
     crawl = CrawlSettings(**job["crawl"])
+    delay = crawl.download_delay if source.download_delay is None else source.download_delay
     settings = ScrapySettings()
     settings.setmodule("crawlers.settings", priority="project")
     settings.setdict(
         {
             "USER_AGENT": crawl.agent(),
-            "DOWNLOAD_DELAY": crawl.download_delay,
-            "AUTOTHROTTLE_START_DELAY": max(crawl.download_delay, 0.1),
+            "DOWNLOAD_DELAY": delay,
+            "AUTOTHROTTLE_ENABLED": crawl.autothrottle,
+            "AUTOTHROTTLE_START_DELAY": max(delay, 0.1),
             "CONCURRENT_REQUESTS_PER_DOMAIN": crawl.concurrent_requests_per_domain,
             "DOWNLOAD_TIMEOUT": crawl.download_timeout,
             "DOWNLOAD_MAXSIZE": crawl.max_download_bytes,
             "DOWNLOAD_WARNSIZE": 0,
+            "RETRY_TIMES": crawl.retries,
             "DEPTH_LIMIT": source.max_depth,
-            "CLOSESPIDER_PAGECOUNT": source.max_pages,
             "CLOSESPIDER_TIMEOUT": source.max_minutes * 60,
             "JAGPT_ALLOW_PRIVATE_HOSTS": source.allow_private_hosts,
-            "JAGPT_OUT_DIR": job["out_dir"],
-            "JAGPT_SEEN_FILE": job["seen_file"],
             "JAGPT_BATCH_ROWS": crawl.batch_rows,
-            "JAGPT_SOURCE": source.name,
+            "JAGPT_JOB": job,
         },
         priority="cmdline",
     )
@@ -49,7 +53,7 @@ def main(argv: list[str]) -> int:
     with open(argv[0], encoding="utf-8") as f:
         job = json.load(f)
     process = CrawlerProcess(scrapy_settings(job), install_root_handler=True)
-    crawler = process.create_crawler(SiteSpider)
+    crawler = process.create_crawler(SPIDERS[job["source"]["spider"]])
     process.crawl(crawler, job=job)
     process.start()
     with open(job["stats_file"], "w", encoding="utf-8") as f:

@@ -46,6 +46,21 @@ def _print_pipeline(summary: dict) -> None:
     print('  .venv/bin/jagpt generate --prompt "むかし、むかし"   # sample again from the newest checkpoint')
 
 
+def _show_progress() -> None:
+    """Print the stages' INFO lines (progress) on stderr.
+
+    Not via the root logger: absl configures it when JAX is imported, and the
+    pipeline verb leaves these loggers to Prefect.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    for name in ("crawlers", "corpus", "flows"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def cmd_pipeline(args) -> int:
     from flows.pipeline import pipeline
 
@@ -60,8 +75,37 @@ def cmd_crawl(args) -> int:
     from flows import stages
 
     cfg = load_config(args.config)
-    for r in stages.crawl_all(cfg.storage_root(), cfg):
-        print(f"{r.source}: {json.dumps(r.stats, ensure_ascii=False)} -> {r.partition or 'nothing new stored'}")
+    storage = cfg.storage_root()
+    _show_progress()
+    try:
+        crawls = stages.crawl_all(storage, cfg, args.source)
+    except ValueError as e:
+        print(f"jagpt crawl: {e}", file=sys.stderr)
+        return 2
+    extracted = None if args.no_extract else stages.extract_all(storage, cfg)
+    print()
+    print(stages.format_table(stages.crawl_table(storage, crawls, extracted)))
+    for r in crawls:
+        print(f"{r.source}: run {r.run_id}{' (resumed)' if r.resumed else ''} -> {storage.url(r.partition) if r.partition else 'no new or changed page'}")
+    return 0
+
+
+def cmd_reextract(args) -> int:
+    from crawlers.crawl import raw_partitions
+
+    cfg = load_config(args.config)
+    storage = cfg.storage_root()
+    if not raw_partitions(storage):
+        print(f"error: no raw partitions under {storage.url('raw')}: run `jagpt crawl` first", file=sys.stderr)
+        return 1
+    from flows import stages
+
+    _show_progress()
+    for r in stages.extract_all(storage, cfg, force=True):
+        partition = storage.marker(r.path)["inputs"]["raw"]
+        s = r.stats
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "none"
+        print(f"{partition} -> {r.path}: {s['pages']} pages, {s['extracted']} extracted, dropped: {dropped}")
     return 0
 
 
@@ -141,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-crawl", action="store_true", help="use the raw pages already stored")
     p.add_argument("--until", default="generate", choices=STAGES, help="last stage to run")
 
-    verb("crawl", cmd_crawl, "crawl the enabled sources once")
+    p = verb("crawl", cmd_crawl, "crawl the enabled sources once, then extract what they stored")
+    p.add_argument("--source", action="append", metavar="NAME", help="crawl this source (even if disabled); repeatable")
+    p.add_argument("--no-extract", action="store_true", help="only crawl; extract later with `jagpt reextract` or `pipeline`")
+    verb("reextract", cmd_reextract, "extract every stored raw partition again, without crawling")
 
     p = verb("generate", cmd_generate, "sample text from a registered checkpoint")
     p.add_argument("--prompt", help="text to continue (default: generate.prompt in the config)")

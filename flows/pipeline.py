@@ -11,7 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from flows import stages
@@ -121,6 +126,10 @@ def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate")
     extracted = extract_task(cfg)
     for e in extracted:
         add("extract", _status(e), e.stats)
+    if not skip_crawl:
+        table = stages.crawl_table(cfg.storage_root(), crawls, extracted)
+        summary["crawl_table"] = table
+        create_table_artifact(table, key="crawl-stats", description="jagpt crawl: per-source figures of this run")
     steps["clean"] = clean_task(cfg, extracted)
     plan = [
         ("dedup", lambda: dedup_task(cfg, steps["clean"])),

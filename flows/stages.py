@@ -17,7 +17,7 @@ from corpus.extract import extract_partition
 from corpus.report import plot_composition
 from corpus.steps import StepResult, run_step
 from corpus.storage import Storage
-from crawlers.crawl import CrawlResult, crawl_source, partition_files, raw_partitions
+from crawlers.crawl import CrawlResult, crawl_sources, partition_files, raw_partitions
 from encoder import bpe
 from encoder.shards import build_shards
 from flows.config import Config
@@ -34,27 +34,74 @@ RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs"}
 
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
-VERSIONS = {"extract": 1, "clean": 1, "dedup": 1, "encoder": 1, "shards": 1, "train": 1}
+VERSIONS = {"extract": 2, "clean": 1, "dedup": 1, "encoder": 1, "shards": 1, "train": 1}
 
 
-def crawl_all(storage: Storage, cfg: Config) -> list[CrawlResult]:
-    results = []
-    for source in cfg.enabled_sources():
-        r = crawl_source(storage, source, cfg.crawl)
-        log.info("crawl %s: %s", source.name, r.stats)
-        results.append(r)
+def crawl_all(storage: Storage, cfg: Config, names: list[str] | None = None) -> list[CrawlResult]:
+    """Crawl the enabled sources, or exactly the ``names`` given (enabled or not)."""
+    if names:
+        by_name = {s.name: s for s in cfg.sources}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"no source named {', '.join(unknown)} in the config; it has {', '.join(by_name)}")
+        sources = [by_name[n] for n in names]
+    else:
+        sources = cfg.enabled_sources()
+    if not sources:
+        raise ValueError("no source is enabled in the config; enable one or name it with --source")
+    results = crawl_sources(storage, sources, cfg.crawl)
+    for r in results:
+        log.info("crawl %s: %s", r.source, r.stats)
     return results
 
 
-def extract_all(storage: Storage, cfg: Config) -> list[StepResult]:
-    """Extract every published raw partition (each once per extract settings)."""
+def crawl_table(storage: Storage, crawls: list[CrawlResult], extracted: list[StepResult] | None = None) -> list[dict]:
+    """One row per source, the figures of the crawl stats table (CLI and Prefect artifact)."""
+    docs = {storage.marker(e.path)["inputs"]["raw"]: e.stats.get("extracted", 0) for e in extracted or []}
+    rows = []
+    for c in crawls:
+        s = c.stats
+        failed = s["failed"]
+        row = {
+            "source": c.source,
+            "fetched": s["fetched"],
+            "new": s["new"],
+            "changed": s["changed"],
+            "unchanged": s["unchanged"],
+            "gone": s["gone"],
+            "failed": sum(failed.values()),
+            "failed by reason": ", ".join(f"{k} {v}" for k, v in failed.items()) or "-",
+            "MB": round(s["bytes"] / 1e6, 2),
+        }
+        if extracted is not None:
+            row["docs extracted"] = docs.get(c.partition, 0) if c.partition else 0
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def extract_all(storage: Storage, cfg: Config, force: bool = False) -> list[StepResult]:
+    """Extract every published raw partition (each once per extract settings).
+
+    ``force`` redoes partitions already extracted with these settings (``jagpt reextract``).
+    """
     results = []
     for partition in raw_partitions(storage):
         files = partition_files(storage, partition)
         results.append(
             run_step(
                 storage, "extract", VERSIONS["extract"], {"raw": partition}, cfg.extract.model_dump(exclude=RUNTIME_ONLY),
-                lambda out, files=files: extract_partition(storage, files, cfg.extract, out),
+                lambda out, files=files, partition=partition: extract_partition(storage, files, cfg.extract, out, partition),
+                force=force,
             )
         )
     if not results:

@@ -46,7 +46,7 @@ def _stage(summary, name):
 def test_first_run_goes_through_every_stage(runs, config_file):
     first, _ = runs
     crawl = _stage(first, "crawl sample-site")["figures"]
-    assert crawl["new"] == 36 and crawl["failed"]["robots"] == 1 and crawl["encodings"]["cp932"] == 1
+    assert crawl["new"] == 36 and crawl["failed"]["robots"] == 1 and crawl["encodings"]["cp932 (meta)"] == 1
     dropped = _stage(first, "clean")["figures"]["dropped"]
     assert dropped["exact_duplicate"] == 1 and dropped["not_japanese"] == 1 and dropped["overlong_sentence"] >= 1
     assert _stage(first, "dedup")["figures"]["near_duplicates"] == 1
@@ -107,3 +107,18 @@ def test_run_summary_is_a_prefect_markdown_artifact(runs):
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-summary"])))
     assert len(artifacts) >= 2 and all(a.type == "markdown" for a in artifacts)
     assert any("| train |" in a.data and "final_val_loss" in a.data for a in artifacts)
+
+
+def test_crawl_stats_are_a_prefect_table_artifact(runs):
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["crawl-stats"])))
+    assert len(artifacts) >= 2 and all(a.type == "table" for a in artifacts)
+    tables = [json.loads(a.data) if isinstance(a.data, str) else a.data for a in artifacts]
+    rows = [row for table in tables for row in table if row["source"] == "sample-site"]
+    assert sorted((r["new"], r["unchanged"]) for r in rows) == [(0, 36), (36, 0)]
+    assert any(r["docs extracted"] == 36 and r["failed by reason"] == "robots 1" for r in rows)
