@@ -1,34 +1,150 @@
-"""The clean stage: normalize, filter for Japanese quality, and drop exact duplicates.
+"""The clean stage: normalize, compute quality signals, apply the Japanese rules.
 
-The signals are computed in DuckDB SQL over the extracted Parquet; every dropped
-document keeps all of its reasons and its signal values.
+Streams the extracted pages in batches: Python normalizes them and computes
+the signals SQL cannot (:mod:`corpus.quality`), DuckDB computes the rest
+(character classes with ``\\p{Hiragana}``, ``\\p{Katakana}``, ``\\p{Han}``;
+sentence lengths) and applies the thresholds, with per-genre and per-source
+overrides joined in as a table. Every dropped document keeps all its reasons
+and every signal value; kept documents keep their signals too, so
+``jagpt corpus why`` can explain either decision.
+
+Exact and near duplicates are the dedup stage's job (corpus/dedup.py); here a
+URL fetched more than once keeps only its newest copy (``superseded``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+from urllib.parse import urlsplit
 
 import duckdb
 import pyarrow as pa
-from pydantic import Field
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
 
+from corpus import quality
 from corpus.normalize import NormalForm, normalize
 from corpus.schema import DOC, DROPPED, conform
 from corpus.settings import Settings
 from corpus.storage import Storage
 
 
-class CleanSettings(Settings):
-    normal_form: NormalForm = "NFKC"
+class Thresholds(Settings):
+    """The rules' thresholds (defaults: the Swallow corpus, Okazaki et al. 2024; zlib: LLM-jp)."""
+
     min_chars: int = Field(default=400, ge=0)
+    max_chars: int = Field(default=1_000_000, gt=0, description="longer documents are dropped as too_long")
     min_japanese_ratio: float = Field(default=0.5, ge=0, le=1, description="Japanese chars / letters")
     min_hiragana_ratio: float = Field(default=0.2, ge=0, le=1, description="hiragana / Japanese chars")
     max_katakana_ratio: float = Field(default=0.5, ge=0, le=1, description="katakana / Japanese chars")
     min_mean_sentence_chars: float = Field(default=20, ge=0)
     max_mean_sentence_chars: float = Field(default=90, gt=0)
     max_sentence_chars: int = Field(default=200, gt=0, description="longest sentence; catches link lists and menus")
+    max_dup_line_ratio: float = Field(default=0.30, ge=0, le=1)
+    max_dup_line_char_ratio: float = Field(default=0.20, ge=0, le=1)
+    max_dup_sentence_ratio: float = Field(default=0.30, ge=0, le=1)
+    max_dup_sentence_char_ratio: float = Field(default=0.20, ge=0, le=1)
+    max_top_2gram: float = Field(default=0.20, ge=0, le=1)
+    max_top_3gram: float = Field(default=0.18, ge=0, le=1)
+    max_top_4gram: float = Field(default=0.16, ge=0, le=1)
+    max_dup_5gram: float = Field(default=0.15, ge=0, le=1)
+    max_dup_6gram: float = Field(default=0.14, ge=0, le=1)
+    max_dup_7gram: float = Field(default=0.13, ge=0, le=1)
+    max_dup_8gram: float = Field(default=0.12, ge=0, le=1)
+    max_dup_9gram: float = Field(default=0.11, ge=0, le=1)
+    max_dup_10gram: float = Field(default=0.10, ge=0, le=1)
+    max_trailing_off_ratio: float = Field(default=0.2, ge=0, le=1, description="sentences ending in ・ or …")
+    max_ng_char_ratio: float = Field(default=0.05, ge=0, le=1, description="dropped at or above")
+    min_zlib_ratio: float = Field(default=0.30, ge=0)
+    max_zlib_ratio: float = Field(default=0.70, gt=0)
+
+
+class CleanSettings(Thresholds):
+    normal_form: NormalForm = "NFKC"
+    content_tags: bool = Field(default=False, description="replace URLs, e-mails, phones, dates, prices by tags")
+    ng_words: list[str] = Field(default=[], description="added to the bundled corpus/ng_words.txt")
+    bundled_ng_words: bool = True
+    blocked_domains: list[str] = Field(default=[], description="pages of these domains and their subdomains are dropped")
+    # Threshold overrides, e.g. per_genre: {novel: {min_hiragana_ratio: 0.3, max_dup_line_ratio: 0.4}}.
+    # A source's override wins over its genre's.
+    per_genre: dict[str, dict[str, float]] = {}
+    per_source: dict[str, dict[str, float]] = {}
     memory_limit: str = "2GB"
+    batch_docs: int = Field(default=2000, gt=0)
+
+    @model_validator(mode="after")
+    def _overrides_are_thresholds(self) -> CleanSettings:
+        for kind, table in (("per_genre", self.per_genre), ("per_source", self.per_source)):
+            for name, override in table.items():
+                unknown = sorted(set(override) - set(Thresholds.model_fields))
+                if unknown:
+                    raise ValueError(f"{kind}.{name}: {unknown} are not thresholds; use {sorted(Thresholds.model_fields)}")
+                Thresholds(**{**self.thresholds().model_dump(), **override})
+        return self
+
+    def thresholds(self, source: str | None = None, genre: str | None = None) -> Thresholds:
+        values = {k: getattr(self, k) for k in Thresholds.model_fields}
+        values.update(self.per_genre.get(genre or "", {}))
+        values.update(self.per_source.get(source or "", {}))
+        return Thresholds(**values)
+
+
+# (reason, signal, comparison, threshold): a document breaking any rule is dropped.
+RULES = [
+    ("too_short", "n_chars", "<", "min_chars"),
+    ("too_long", "n_chars", ">", "max_chars"),
+    ("not_japanese", "japanese_ratio", "<", "min_japanese_ratio"),
+    ("low_hiragana", "hiragana_ratio", "<", "min_hiragana_ratio"),
+    ("high_katakana", "katakana_ratio", ">", "max_katakana_ratio"),
+    ("short_sentences", "mean_sentence_chars", "<", "min_mean_sentence_chars"),
+    ("long_sentences", "mean_sentence_chars", ">", "max_mean_sentence_chars"),
+    ("overlong_sentence", "max_sentence_chars", ">", "max_sentence_chars"),
+    ("dup_lines", "dup_line_ratio", ">", "max_dup_line_ratio"),
+    ("dup_line_chars", "dup_line_char_ratio", ">", "max_dup_line_char_ratio"),
+    ("dup_sentences", "dup_sentence_ratio", ">", "max_dup_sentence_ratio"),
+    ("dup_sentence_chars", "dup_sentence_char_ratio", ">", "max_dup_sentence_char_ratio"),
+    *[(f"top_{n}gram", f"top_{n}gram", ">", f"max_top_{n}gram") for n in quality.TOP_NGRAMS],
+    *[(f"dup_{n}gram", f"dup_{n}gram", ">", f"max_dup_{n}gram") for n in quality.DUP_NGRAMS],
+    ("trailing_off", "trailing_off_ratio", ">", "max_trailing_off_ratio"),
+    ("ng_words", "ng_char_ratio", ">=", "max_ng_char_ratio"),
+    ("too_compressible", "zlib_ratio", "<", "min_zlib_ratio"),
+    ("incompressible", "zlib_ratio", ">", "max_zlib_ratio"),
+]
+
+SQL_SIGNALS = ["n_chars", "japanese_ratio", "hiragana_ratio", "katakana_ratio", "mean_sentence_chars", "max_sentence_chars"]
+ALL_SIGNALS = SQL_SIGNALS + quality.SIGNAL_NAMES
+
+SIGNALS_SQL = r"""
+WITH counted AS (
+  SELECT *,
+    length(regexp_replace(text, '[^\p{Hiragana}]', '', 'g')) AS n_hira,
+    length(regexp_replace(text, '[^\p{Katakana}ー]', '', 'g')) AS n_kata,
+    length(regexp_replace(text, '[^\p{Han}々〆]', '', 'g')) AS n_han,
+    length(regexp_replace(text, '[^\p{L}]', '', 'g')) AS n_letters,
+    -- A closing bracket after the full stop belongs to the sentence: 「はい。」
+    list_filter(string_split_regex(regexp_replace(text, '([。！？!?])[」』）)]+', '\1', 'g'), '[。！？!?\n]+'),
+                lambda s: length(trim(s)) > 0) AS sentences
+  FROM signals
+), scored AS (
+  SELECT *,
+    (n_hira + n_kata + n_han) / greatest(n_letters, 1) AS japanese_ratio,
+    n_hira / greatest(n_hira + n_kata + n_han, 1) AS hiragana_ratio,
+    n_kata / greatest(n_hira + n_kata + n_han, 1) AS katakana_ratio,
+    coalesce(list_avg(list_transform(sentences, lambda s: length(s))), 0) AS mean_sentence_chars,
+    coalesce(list_max(list_transform(sentences, lambda s: length(s))), 0) AS max_sentence_chars,
+    row_number() OVER (PARTITION BY url ORDER BY fetched_at DESC, doc_id) AS fetch_rank
+  FROM counted
+)
+SELECT scored.* EXCLUDE (sentences, n_hira, n_kata, n_han, n_letters),
+  list_filter([{rules},
+    CASE WHEN blocked THEN 'blocked_domain' END,
+    CASE WHEN fetch_rank > 1 THEN 'superseded' END
+  ], lambda x: x IS NOT NULL) AS reasons
+FROM scored JOIN thresholds t USING (source, genre)
+"""
 
 
 def arrow_of(relation) -> pa.Table:
@@ -37,48 +153,53 @@ def arrow_of(relation) -> pa.Table:
 
 
 def doc_id(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-SIGNALS_SQL = r"""
-WITH counted AS (
-  SELECT *,
-    length(text) AS n_chars,
-    length(regexp_replace(text, '[^\p{Hiragana}]', '', 'g')) AS n_hira,
-    length(regexp_replace(text, '[^\p{Katakana}ー]', '', 'g')) AS n_kata,
-    length(regexp_replace(text, '[^\p{Han}々〆]', '', 'g')) AS n_han,
-    length(regexp_replace(text, '[^\p{L}]', '', 'g')) AS n_letters,
-    list_filter(string_split_regex(text, '[。！？!?\n]+'), lambda s: length(trim(s)) > 0) AS sentences
-  FROM docs
-), ratios AS (
-  SELECT *,
-    (n_hira + n_kata + n_han) / greatest(n_letters, 1) AS japanese_ratio,
-    n_hira / greatest(n_hira + n_kata + n_han, 1) AS hiragana_ratio,
-    n_kata / greatest(n_hira + n_kata + n_han, 1) AS katakana_ratio,
-    coalesce(list_avg(list_transform(sentences, lambda s: length(s))), 0) AS mean_sentence_chars,
-    coalesce(list_max(list_transform(sentences, lambda s: length(s))), 0) AS max_sentence_chars,
-    row_number() OVER (PARTITION BY url ORDER BY fetched_at DESC) AS fetch_rank
-  FROM counted
-), ranked AS (
-  -- Only the newest fetch of each URL competes for a doc id, so a page that
-  -- was refetched unchanged is never dropped twice over.
-  SELECT *, row_number() OVER (PARTITION BY doc_id, fetch_rank = 1 ORDER BY fetched_at, url) AS copy_rank
-  FROM ratios
-)
-SELECT *,
-  list_filter([
-    CASE WHEN n_chars < $min_chars THEN 'too_short' END,
-    CASE WHEN japanese_ratio < $min_japanese_ratio THEN 'not_japanese' END,
-    CASE WHEN hiragana_ratio < $min_hiragana_ratio THEN 'low_hiragana' END,
-    CASE WHEN katakana_ratio > $max_katakana_ratio THEN 'high_katakana' END,
-    CASE WHEN mean_sentence_chars < $min_mean_sentence_chars THEN 'short_sentences' END,
-    CASE WHEN mean_sentence_chars > $max_mean_sentence_chars THEN 'long_sentences' END,
-    CASE WHEN max_sentence_chars > $max_sentence_chars THEN 'overlong_sentence' END,
-    CASE WHEN copy_rank > 1 THEN 'exact_duplicate' END,
-    CASE WHEN fetch_rank > 1 THEN 'superseded' END
-  ], lambda x: x IS NOT NULL) AS reasons
-FROM ranked
-"""
+def is_blocked(url: str, domains: list[str]) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return any(host == d or host.endswith("." + d) for d in domains)
+
+
+def _rules_sql() -> str:
+    # Documents too long to score are only too_long: their text is not scored.
+    return ",\n    ".join(
+        f"CASE WHEN scored.{sig} {op} t.{th} THEN '{reason}' END" if sig == "n_chars"
+        else f"CASE WHEN scored.n_chars <= t.max_chars AND scored.{sig} {op} t.{th} THEN '{reason}' END"
+        for reason, sig, op, th in RULES
+    )
+
+
+def _signal_batches(storage: Storage, files: list[str], settings: CleanSettings):
+    """Normalized documents with their Python-side signals, a record batch at a time."""
+    ng = quality.ng_pattern(tuple(settings.ng_words), settings.bundled_ng_words)
+    blocked = [d.lower().lstrip(".") for d in settings.blocked_domains]
+    for path in files:
+        # Closed explicitly: a Parquet reader left to the interpreter's final
+        # teardown can abort the process at exit (apache/arrow#34314).
+        with storage.fs.open(storage.path(path), "rb") as f, pq.ParquetFile(f, pre_buffer=False) as reader:
+            for batch in reader.iter_batches(batch_size=settings.batch_docs, use_threads=False):
+                rows = batch.to_pylist()
+                out: dict[str, list] = {k: [] for k in ("url", "source", "genre", "fetched_at", "title", "text", "doc_id", "n_chars", "blocked", *quality.SIGNAL_NAMES)}
+                for row in rows:
+                    text = normalize(row["text"] or "", settings.normal_form, settings.content_tags)
+                    limit = settings.thresholds(row["source"], row["genre"]).max_chars
+                    scored = quality.signals(text, ng) if len(text) <= limit else dict.fromkeys(quality.SIGNAL_NAMES)
+                    for k in ("url", "source", "genre", "fetched_at", "title"):
+                        out[k].append(row[k])
+                    out["doc_id"].append(doc_id(text))
+                    out["n_chars"].append(len(text))
+                    # Too long to score: SQL sees a stub; the document is dropped as too_long anyway.
+                    out["text"].append(text if len(text) <= limit else "")
+                    out["blocked"].append(is_blocked(row["url"], blocked))
+                    for k in quality.SIGNAL_NAMES:
+                        out[k].append(scored[k])
+                yield pa.table(out)
+
+
+def _thresholds_table(settings: CleanSettings, pairs: list[tuple[str, str]]) -> pa.Table:
+    rows = [{"source": s, "genre": g, **settings.thresholds(s, g).model_dump()} for s, g in pairs]
+    return pa.Table.from_pylist(rows)
 
 
 def clean(
@@ -89,34 +210,54 @@ def clean(
     ``earlier_dropped`` (the extract stage's drops) are carried into this
     stage's dropped table, so one table explains every page that is not kept.
     """
-    table = storage.read_parquet(extracted)
-    texts = [normalize(t, settings.normal_form) for t in table["text"].to_pylist()]
-    table = table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
-    table = table.append_column("doc_id", pa.array([doc_id(t) for t in texts], pa.string()))
+    with tempfile.TemporaryDirectory(prefix="jagpt-clean-") as tmp:
+        signals_path = os.path.join(tmp, "signals.parquet")
+        writer = None
+        pairs: set[tuple[str, str]] = set()
+        for table in _signal_batches(storage, extracted, settings):
+            pairs.update(zip(table["source"].to_pylist(), table["genre"].to_pylist()))
+            if writer is None:
+                writer = pq.ParquetWriter(signals_path, table.schema)
+            writer.write_table(table)
+        if writer is None:
+            return _write(storage, out, None, None, earlier_dropped, 0)
+        writer.close()
 
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = '{settings.memory_limit}'")
-    con.register("docs", table)
-    params = settings.model_dump(exclude={"normal_form", "memory_limit"})
-    scored = arrow_of(con.sql(SIGNALS_SQL, params=params))
-    con.register("scored", scored)
-
-    kept = arrow_of(con.sql("SELECT *, NULL::VARCHAR AS dup_cluster FROM scored WHERE len(reasons) = 0 ORDER BY doc_id"))
-    dropped = arrow_of(
-        con.sql(
-            """SELECT url, source, genre, fetched_at, 'clean' AS stage, reasons,
-                 to_json({n_chars: n_chars, japanese_ratio: round(japanese_ratio, 4),
-                          hiragana_ratio: round(hiragana_ratio, 4), katakana_ratio: round(katakana_ratio, 4),
-                          mean_sentence_chars: round(mean_sentence_chars, 1), max_sentence_chars: max_sentence_chars})::VARCHAR AS detail,
-                 doc_id, n_chars
-               FROM scored WHERE len(reasons) > 0 ORDER BY url"""
+        con = duckdb.connect()
+        con.execute(f"SET memory_limit = '{settings.memory_limit}'")
+        con.execute(f"SET temp_directory = '{tmp}'")
+        con.register("thresholds", _thresholds_table(settings, sorted(pairs)))
+        con.execute(f"CREATE VIEW signals AS SELECT * FROM read_parquet('{signals_path}')")
+        con.execute("CREATE VIEW scored AS " + SIGNALS_SQL.replace("{rules}", _rules_sql()))
+        signal_struct = "{" + ", ".join(f"{s}: round({s}, 4)" for s in ALL_SIGNALS) + "}"
+        kept_path, dropped_path = os.path.join(tmp, "kept.parquet"), os.path.join(tmp, "dropped.parquet")
+        con.execute(
+            f"""COPY (SELECT doc_id, url, source, genre, fetched_at, title, text, n_chars, hiragana_ratio,
+                        japanese_ratio, katakana_ratio, NULL::VARCHAR AS dup_cluster,
+                        to_json({signal_struct})::VARCHAR AS signals
+                      FROM scored WHERE len(reasons) = 0 ORDER BY doc_id)
+                TO '{kept_path}' (FORMAT parquet)"""
         )
-    )
-    previous = [conform(storage.read_parquet([p]), DROPPED) for p in earlier_dropped]
-    all_dropped = pa.concat_tables(previous + [conform(dropped, DROPPED)])
-    storage.write_parquet(f"{out}/docs.parquet", conform(kept, DOC))
-    storage.write_parquet(f"{out}/dropped.parquet", all_dropped)
-    return {"documents": table.num_rows, "kept": kept.num_rows, "dropped": reason_counts(all_dropped)}
+        con.execute(
+            f"""COPY (SELECT url, source, genre, fetched_at, 'clean' AS stage, reasons,
+                        to_json({signal_struct})::VARCHAR AS detail, doc_id, n_chars
+                      FROM scored WHERE len(reasons) > 0 ORDER BY url, doc_id)
+                TO '{dropped_path}' (FORMAT parquet)"""
+        )
+        documents = con.execute("SELECT count(*) FROM signals").fetchone()[0]
+        con.close()
+        return _write(storage, out, kept_path, dropped_path, earlier_dropped, documents)
+
+
+def _write(storage: Storage, out: str, kept_path: str | None, dropped_path: str | None, earlier: list[str], documents: int) -> dict:
+    kept = conform(pq.read_table(kept_path), DOC) if kept_path else DOC.empty_table()
+    tables = [conform(storage.read_parquet([p]), DROPPED) for p in earlier]
+    if dropped_path:
+        tables.append(conform(pq.read_table(dropped_path), DROPPED))
+    dropped = pa.concat_tables(tables) if tables else DROPPED.empty_table()
+    storage.write_parquet(f"{out}/docs.parquet", kept)
+    storage.write_parquet(f"{out}/dropped.parquet", dropped)
+    return {"documents": documents, "kept": kept.num_rows, "dropped": reason_counts(dropped)}
 
 
 def reason_counts(dropped: pa.Table) -> dict[str, int]:

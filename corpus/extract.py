@@ -1,5 +1,8 @@
 """The extract stage: raw HTML pages -> main text, with trafilatura set for Japanese.
 
+Plain-text pages (``text/plain``, written by the bulk readers in ``crawlers.bulk``)
+are passed through as they are, without trafilatura.
+
 Runs per raw partition, in worker processes (:func:`corpus.pool.robust_map`), so
 it uses every core and can be rerun without crawling again. A page with no main
 text, one that trafilatura raises on, one that runs longer than
@@ -90,6 +93,17 @@ def extract_html(html: str, url: str, settings: ExtractSettings) -> dict | None:
     }
 
 
+def extract_plain(text: str) -> dict | None:
+    """A ``text/plain`` page (stored by ``crawlers.bulk``): already prose, kept as it is.
+
+    Its first line is the title. Bulk text sources are Japanese by construction.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    return {"title": text.split("\n", 1)[0].strip(), "published": "", "lang": "ja", "text": text}
+
+
 def _extract_row(settings: ExtractSettings, row: dict) -> tuple[str, dict | str]:
     """("kept", extracted fields) or ("dropped", "reason: detail") for one raw row."""
     try:
@@ -97,7 +111,10 @@ def _extract_row(settings: ExtractSettings, row: dict) -> tuple[str, dict | str]
     except (UnicodeDecodeError, LookupError) as e:
         return "dropped", f"decode_error: {e}"
     try:
-        result = extract_html(html, row["url"], settings)
+        if (row.get("content_type") or "").lower().startswith("text/plain"):
+            result = extract_plain(html)
+        else:
+            result = extract_html(html, row["url"], settings)
     except Exception as e:  # trafilatura and lxml raise many kinds on hostile HTML
         return "dropped", f"extract_error: {describe(e)}"
     if result is None:

@@ -54,6 +54,7 @@ DOC = pa.schema(
         ("japanese_ratio", pa.float64()),
         ("katakana_ratio", pa.float64()),
         ("dup_cluster", pa.string()),
+        ("signals", pa.string()),  # JSON: every quality signal's value
     ]
 )
 

@@ -98,6 +98,28 @@ class Storage:
             raise FileNotFoundError("no parquet files given")
         return pa.concat_tables(tables, promote_options="default")
 
+    def iter_parquet(
+        self, rels: list[str], columns: list[str] | None = None, batch_size: int = 1024
+    ) -> Iterator[pa.RecordBatch]:
+        """The rows of ``rels``, file after file, one record batch at a time (bounded memory).
+
+        ``pre_buffer=False``: pyarrow's pre-buffering reads every row group
+        ahead, which holds the whole file in memory.
+        """
+        for rel in rels:
+            with self.fs.open(self.path(rel), "rb") as f:
+                yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_size, columns=columns)
+
+    # -- DuckDB -----------------------------------------------------------
+    def register_duckdb(self, con) -> None:
+        """Let DuckDB connection ``con`` read files under this root (fsspec for remote roots)."""
+        if not self.is_local:
+            con.register_filesystem(self.fs)
+
+    def duckdb_url(self, rel: str) -> str:
+        """How DuckDB names ``rel`` once :meth:`register_duckdb` was called."""
+        return self.path(rel) if self.is_local else self.url(rel)
+
     # -- writing (atomic) -------------------------------------------------
     @contextmanager
     def open_atomic(self, rel: str) -> Iterator[io.BufferedWriter]:

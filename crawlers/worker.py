@@ -8,6 +8,7 @@ once the worker has exited cleanly.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -58,6 +59,7 @@ def main(argv: list[str]) -> int:
     process.start()
     with open(job["stats_file"], "w", encoding="utf-8") as f:
         json.dump(crawler.stats.get_stats(), f, default=str)
+    gc.collect()  # Arrow objects must not reach the final teardown (apache/arrow#34314)
     return 0
 
 

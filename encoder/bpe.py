@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from itertools import islice
 
 from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -112,13 +113,17 @@ def train(texts: Iterable[str], settings: EncoderSettings, tokenizer_id: str = "
     return Encoder(tok, tokenizer_id)
 
 
-def stats(encoder: Encoder, texts: list[str]) -> dict:
-    """Characters and bytes per token on ``texts``, and whether they round-trip."""
-    ids = encoder.encode_batch(texts)
-    n_tokens = sum(len(i) for i in ids)
-    n_chars = sum(len(t) for t in texts)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    exact = all(encoder.decode(i) == t for i, t in zip(ids, texts))
+def stats(encoder: Encoder, texts: Iterable[str], batch: int = 1024) -> dict:
+    """Characters and bytes per token on ``texts``, and whether they round-trip (streamed in batches)."""
+    n_tokens = n_chars = n_bytes = 0
+    exact = True
+    it = iter(texts)
+    while chunk := list(islice(it, batch)):
+        ids = encoder.encode_batch(chunk)
+        n_tokens += sum(len(i) for i in ids)
+        n_chars += sum(len(t) for t in chunk)
+        n_bytes += sum(len(t.encode("utf-8")) for t in chunk)
+        exact = exact and all(encoder.decode(i) == t for i, t in zip(ids, chunk))
     return {
         "vocab_size": encoder.vocab_size,
         "tokens": n_tokens,

@@ -68,20 +68,28 @@ class _ShardWriter:
 
 
 def build_shards(
-    storage: Storage, corpus_docs: str, encoder: Encoder, settings: ShardSettings, out: str, corpus_id: str
+    storage: Storage, corpus_docs: list[str] | str, encoder: Encoder, settings: ShardSettings, out: str, corpus_id: str
 ) -> dict:
-    """Tokenize ``corpus_docs`` (a docs.parquet) into shards under ``out``; returns the manifest."""
-    docs = storage.read_parquet([corpus_docs], columns=["doc_id", "text"])
-    doc_ids, texts = docs["doc_id"].to_pylist(), docs["text"].to_pylist()
-    val_mask = [is_val(d, settings.val_fraction) for d in doc_ids]
-    if len(doc_ids) >= 2 and not any(val_mask):
-        val_mask[min(range(len(doc_ids)), key=lambda i: doc_ids[i])] = True  # never an empty val split
+    """Tokenize the corpus (its docs.parquet files, in order) into shards under ``out``; returns the manifest.
+
+    Streams: documents are read and encoded ``batch_docs`` at a time, so memory
+    does not grow with the corpus. A first pass over the doc ids only finds
+    whether the hash split left ``val`` empty.
+    """
+    files = [corpus_docs] if isinstance(corpus_docs, str) else list(corpus_docs)
+    documents, any_val, smallest = 0, False, None
+    for batch in storage.iter_parquet(files, columns=["doc_id"], batch_size=max(settings.batch_docs, 4096)):
+        for d in batch.column(0).to_pylist():
+            documents += 1
+            any_val = any_val or is_val(d, settings.val_fraction)
+            smallest = d if smallest is None or d < smallest else smallest
+    forced_val = smallest if documents >= 2 and not any_val else None  # never an empty val split
     dtype = np.uint16 if encoder.vocab_size <= 65536 else np.uint32
     writers = {s: _ShardWriter(storage, out, s, settings.shard_tokens, dtype) for s in ("train", "val")}
-    for start in range(0, len(texts), settings.batch_docs):
-        batch = texts[start : start + settings.batch_docs]
-        for offset, ids in enumerate(encoder.encode_batch(batch)):
-            split = "val" if val_mask[start + offset] else "train"
+    for batch in storage.iter_parquet(files, columns=["doc_id", "text"], batch_size=settings.batch_docs):
+        doc_ids, texts = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        for d, ids in zip(doc_ids, encoder.encode_batch(texts)):
+            split = "val" if d == forced_val or is_val(d, settings.val_fraction) else "train"
             writers[split].add(ids + [encoder.eot_id])
     manifest = {
         "tokenizer_id": encoder.tokenizer_id,

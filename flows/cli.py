@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
+import re
 import sys
 
 # Let Prefect show the stages' own log lines in its run logs and UI.
@@ -109,6 +111,80 @@ def cmd_reextract(args) -> int:
     return 0
 
 
+def cmd_corpus(args) -> int:
+    from corpus import explain
+    from crawlers.crawl import raw_partitions
+
+    cfg = load_config(args.config)
+    storage = cfg.storage_root()
+    if args.action == "why":
+        if not args.url:
+            print("usage: jagpt corpus why URL", file=sys.stderr)
+            return 2
+        print("\n".join(explain.why(storage, args.url, cfg.clean)))
+        return 0
+    if args.action == "stats":
+        rows = [
+            {"source": source, "kept": v["kept"], "characters": v["characters"],
+             "dropped": sum(v["dropped"].values()),
+             "dropped by reason": ", ".join(f"{k} {n}" for k, n in v["dropped"].items()) or "-"}
+            for source, v in explain.stats(storage).items()
+        ]
+        from flows.stages import format_table
+
+        print(format_table(rows))
+        return 0
+    if not raw_partitions(storage):
+        print(f"error: no raw partitions under {storage.url('raw')}: run `jagpt crawl` first", file=sys.stderr)
+        return 1
+    from flows import stages
+
+    _show_progress()
+    # rebuild: extraction is reused (`jagpt reextract` redoes it); clean and every dedup link are recomputed.
+    extracted = stages.extract_all(storage, cfg)
+    cleaned = stages.clean_all(storage, cfg, extracted, force=True)
+    links = stages.dedup_chain(storage, cfg, cleaned, force=True)
+    for c, link in zip(cleaned, links):
+        s = link.stats
+        print(
+            f"{c.path} -> {link.path}: {s['documents']} documents, {s['kept']} kept, "
+            f"{s['exact_duplicates']} exact and {s['near_duplicates']} near duplicates"
+        )
+    figures = links[-1].stats["corpus"]
+    print(f"corpus: {figures['documents']} documents, {figures['characters']} characters in {len(links)} links")
+    print(f"corpus chart: {storage.url(links[-1].path)}/composition.png")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from crawlers import bulk
+
+    cfg = load_config(args.config)
+    if args.batch_rows < 1:
+        print("jagpt import: --batch-rows must be at least 1", file=sys.stderr)
+        return 2
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", args.source):
+        print(f"jagpt import: source name {args.source!r} must match [a-z0-9][a-z0-9_-]*", file=sys.stderr)
+        return 2
+    if args.source in {s.name for s in cfg.sources}:
+        # A crawl of that source would take an unfinished import for its own run.
+        print(f"jagpt import: {args.source!r} is a crawl source in the config; give the import its own name", file=sys.stderr)
+        return 2
+    missing = [p for p in args.paths if not os.path.isfile(p)]
+    if missing:
+        print(f"jagpt import: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    storage = cfg.storage_root()
+    _show_progress()
+    stats = bulk.import_bulk(
+        storage, args.kind, args.paths, args.source, args.genre, batch_rows=args.batch_rows, base_url=args.base_url
+    )
+    print(json.dumps(stats, indent=2, ensure_ascii=False))
+    done = "already imported, nothing done" if stats["cached"] else "published"
+    print(f"{args.source}: run {stats['run_id']} {done} -> {storage.url(stats['partition'])}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from flows import stages
 
@@ -179,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
+    from typing import get_args
+
+    from crawlers.config import Genre
     from flows.stages import STAGES
 
     p = verb("pipeline", cmd_pipeline, "run the whole DAG as a Prefect flow")
@@ -189,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="append", metavar="NAME", help="crawl this source (even if disabled); repeatable")
     p.add_argument("--no-extract", action="store_true", help="only crawl; extract later with `jagpt reextract` or `pipeline`")
     verb("reextract", cmd_reextract, "extract every stored raw partition again, without crawling")
+
+    p = verb("corpus", cmd_corpus, "work on the corpus (clean + dedup) built from the extracted partitions")
+    p.add_argument(
+        "action", choices=["rebuild", "why", "stats"],
+        help="rebuild: recompute clean and the whole dedup chain; why URL: explain one page; "
+        "stats: kept and dropped by reason and source",
+    )
+    p.add_argument("url", nargs="?", help="for why: the page's URL")
+
+    p = verb("import", cmd_import, "import Wikipedia dumps, Aozora Bunko zips or WARC/WET files as a raw partition")
+    p.add_argument("kind", choices=["wikipedia", "aozora", "warc"], help="what the files are (warc: WARC or WET)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="the dump, zip or WARC/WET files")
+    p.add_argument("--source", required=True, metavar="NAME", help="source name of the run (not a crawl source's)")
+    p.add_argument("--genre", choices=get_args(Genre), help="genre of the pages (default: encyclopedia, novel or other by kind)")
+    p.add_argument("--base-url", help="aozora: URL prefix for the zip names (default: aozora://)")
+    p.add_argument("--batch-rows", type=int, default=1000, help="pages per part file")
 
     p = verb("generate", cmd_generate, "sample text from a registered checkpoint")
     p.add_argument("--prompt", help="text to continue (default: generate.prompt in the config)")
@@ -223,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
+    finally:
+        # Arrow objects left to the interpreter's final teardown can abort the
+        # process at exit (apache/arrow#34314); collect them while Arrow is alive.
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -45,12 +45,12 @@ def extract_task(cfg: Config):
 
 @task(name="clean", cache_policy=NO_CACHE)
 def clean_task(cfg: Config, extracted):
-    return _logged(stages.clean_step(cfg.storage_root(), cfg, extracted), "clean")
+    return [_logged(r, "clean") for r in stages.clean_all(cfg.storage_root(), cfg, extracted)]
 
 
 @task(name="near-dedup", cache_policy=NO_CACHE)
 def dedup_task(cfg: Config, cleaned):
-    return _logged(stages.dedup_step(cfg.storage_root(), cfg, cleaned), "near-dedup")
+    return [_logged(r, "near-dedup") for r in stages.dedup_chain(cfg.storage_root(), cfg, cleaned)]
 
 
 @task(name="encoder", cache_policy=NO_CACHE)
@@ -137,13 +137,14 @@ def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate")
         ("shards", lambda: shards_task(cfg, steps["encoder"], steps["dedup"])),
         ("train", lambda: train_task(cfg, steps["shards"])),
     ]
-    add("clean", _status(steps["clean"]), steps["clean"].stats)
+    add("clean", _status(steps["clean"]), _figures(steps["clean"]))
     for name, run in plan:
         if stop < STAGES.index(name):
             break
         steps[name] = run()
-        add(name, _status(steps[name]), steps[name].stats)
-    summary["steps"] = {k: v.path for k, v in steps.items()}
+        add(name, _status(steps[name]), _figures(steps[name]))
+    # clean and dedup are one step per partition; the last dedup link names the corpus.
+    summary["steps"] = {k: (v[-1] if isinstance(v, list) else v).path for k, v in steps.items()}
     if stop >= STAGES.index("register"):
         record, created = register_task(cfg, steps["train"], steps["shards"])
         add("register", "new record" if created else "already registered", f"{record['run_id']}-{record['step']}")
@@ -156,4 +157,15 @@ def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate")
 
 
 def _status(step) -> str:
+    if isinstance(step, list):  # one step per partition: say how many ran
+        ran = [s for s in step if not s.cached]
+        if not ran:
+            return f"cached ({len(step)} partitions, last {step[-1].path})"
+        seconds = sum(s.seconds for s in ran)
+        return f"ran {seconds:.1f}s ({len(ran)} of {len(step)} partitions, last {step[-1].path})"
     return f"cached ({step.path})" if step.cached else f"ran {step.seconds:.1f}s ({step.path})"
+
+
+def _figures(step) -> dict:
+    """A step's stats; for per-partition steps, summed over the partitions."""
+    return stages.total_stats(step) if isinstance(step, list) else step.stats

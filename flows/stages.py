@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
+from collections.abc import Iterator
 
 from corpus.clean import clean
-from corpus.dedup import dedup
+from corpus.dedup import dedup_partition
+from corpus.explain import write_current
 from corpus.extract import extract_partition
 from corpus.report import plot_composition
 from corpus.steps import StepResult, run_step
@@ -34,7 +37,7 @@ RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs"}
 
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
-VERSIONS = {"extract": 2, "clean": 1, "dedup": 1, "encoder": 1, "shards": 1, "train": 1}
+VERSIONS = {"extract": 2, "clean": 1, "dedup": 2, "encoder": 1, "shards": 1, "train": 1}
 
 
 def crawl_all(storage: Storage, cfg: Config, names: list[str] | None = None) -> list[CrawlResult]:
@@ -109,45 +112,124 @@ def extract_all(storage: Storage, cfg: Config, force: bool = False) -> list[Step
     return results
 
 
-def clean_step(storage: Storage, cfg: Config, extracted: list[StepResult]) -> StepResult:
-    ids = sorted(e.id for e in extracted)
-    return run_step(
-        storage, "corpus/clean", VERSIONS["clean"], {"extracted": ids}, cfg.clean.model_dump(exclude=RUNTIME_ONLY),
-        lambda out: clean(
-            storage,
-            [f"{e.path}/extracted.parquet" for e in extracted],
-            [f"{e.path}/dropped.parquet" for e in extracted],
-            cfg.clean,
-            out,
-        ),
-    )
+_RUN_TIME = re.compile(r"(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z")
+_PARTITION = re.compile(r"source=([^/]+)/run=([^/]+)$")
 
 
-def dedup_step(storage: Storage, cfg: Config, cleaned: StepResult) -> StepResult:
+def chain_order(partition: str) -> tuple[str, str, str]:
+    """Where a raw partition goes in the corpus chain: by the time its run id starts with, then source, then run id.
+
+    Crawl run ids begin with their start time (``YYYYMMDDTHHMMSSZ-...``), so a
+    week's partitions come after the weeks before. A run id without a time
+    (``bulk-...`` imports) sorts first.
+    """
+    m = _PARTITION.search(partition)
+    source, run = (m.group(1), m.group(2)) if m else ("", partition)
+    t = _RUN_TIME.match(run)
+    when = "{}-{}-{}T{}:{}:{}Z".format(*t.groups()) if t else ""
+    return when, source, run
+
+
+def partition_of(storage: Storage, extracted: StepResult) -> str:
+    """The raw partition an extract step read (from its marker)."""
+    return storage.marker(extracted.path)["inputs"]["raw"]
+
+
+def clean_all(storage: Storage, cfg: Config, extracted: list[StepResult], force: bool = False) -> list[StepResult]:
+    """Clean each extracted partition on its own; the results come in chain order (:func:`chain_order`).
+
+    ``force`` redoes steps that already finished (``jagpt corpus rebuild``).
+    """
+    ordered = sorted(extracted, key=lambda e: chain_order(partition_of(storage, e)))
+    return [
+        run_step(
+            storage, "corpus/clean", VERSIONS["clean"], {"extracted": e.id}, cfg.clean.model_dump(exclude=RUNTIME_ONLY),
+            lambda out, e=e: clean(storage, [f"{e.path}/extracted.parquet"], [f"{e.path}/dropped.parquet"], cfg.clean, out),
+            force=force,
+        )
+        for e in ordered
+    ]
+
+
+def dedup_chain(storage: Storage, cfg: Config, cleaned: list[StepResult], force: bool = False) -> list[StepResult]:
+    """Dedup the cleaned partitions (in chain order) as a chain of steps, one link each.
+
+    Link ``i`` is keyed by its clean step and link ``i-1``, so a rerun reuses
+    every link, a new partition adds one link at the end, and a changed setting
+    rebuilds the whole chain. The corpus is the union of the links' docs.parquet;
+    the last link's id names it, and its composition.png pictures all of it.
+    """
+    links: list[StepResult] = []
+    for c in cleaned:
+        previous = links[-1] if links else None
+        earlier = [link.path for link in links]
+
+        def run(out: str, c: StepResult = c, previous: StepResult | None = previous, earlier: list[str] = earlier) -> dict:
+            stats = dedup_partition(storage, c.path, earlier, cfg.dedup, out, previous.stats if previous else None)
+            with tempfile.TemporaryDirectory() as tmp:
+                png = os.path.join(tmp, "composition.png")
+                plot_composition(stats["corpus"], png)
+                with open(png, "rb") as f:
+                    storage.write_bytes(f"{out}/composition.png", f.read())
+            return stats
+
+        links.append(
+            run_step(
+                storage, "corpus/dedup", VERSIONS["dedup"], {"clean": c.id, "previous": previous.id if previous else None},
+                cfg.dedup.model_dump(exclude=RUNTIME_ONLY), run, force=force,
+            )
+        )
+    if not links:
+        raise RuntimeError("no cleaned partitions to dedup")
+    write_current(storage, [storage.marker(c.path)["inputs"]["extracted"] for c in cleaned], [c.path for c in cleaned],
+                  [link.path for link in links])
+    return links
+
+
+def corpus_docs(corpus: list[StepResult]) -> list[str]:
+    """The docs.parquet files that make up the corpus (one per dedup link)."""
+    return [f"{link.path}/docs.parquet" for link in corpus]
+
+
+def corpus_texts(storage: Storage, corpus: list[StepResult], batch: int = 1024) -> Iterator[str]:
+    """Every text of the corpus, streamed a batch at a time."""
+    for b in storage.iter_parquet(corpus_docs(corpus), columns=["text"], batch_size=batch):
+        yield from b.column(0).to_pylist()
+
+
+def total_stats(steps: list[StepResult]) -> dict:
+    """Figures summed over steps (nested counts too); a ``corpus`` entry is the last step's running total."""
+
+    def add(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            if k == "corpus":
+                continue
+            if isinstance(v, dict):
+                out[k] = add(out.get(k, {}), v)
+            elif isinstance(v, int | float) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+        return out
+
+    total: dict = {}
+    for step in steps:
+        total = add(total, step.stats)
+    if steps and "corpus" in steps[-1].stats:
+        total["corpus"] = steps[-1].stats["corpus"]
+    return total
+
+
+def encoder_step(storage: Storage, cfg: Config, corpus: list[StepResult]) -> StepResult:
     def run(out: str) -> dict:
-        stats = dedup(storage, cleaned.path, cfg.dedup, out)
-        with tempfile.TemporaryDirectory() as tmp:
-            png = os.path.join(tmp, "composition.png")
-            plot_composition(storage, out, png)
-            with open(png, "rb") as f:
-                storage.write_bytes(f"{out}/composition.png", f.read())
-        return stats
-
-    return run_step(storage, "corpus/dedup", VERSIONS["dedup"], {"clean": cleaned.id}, cfg.dedup.model_dump(), run)
-
-
-def encoder_step(storage: Storage, cfg: Config, corpus: StepResult) -> StepResult:
-    def run(out: str) -> dict:
-        texts = storage.read_parquet([f"{corpus.path}/docs.parquet"], columns=["text"])["text"].to_pylist()
         tokenizer_id = out.rsplit("/", 1)[1]
-        encoder = bpe.train(texts, cfg.encoder, tokenizer_id)
+        encoder = bpe.train(corpus_texts(storage, corpus), cfg.encoder, tokenizer_id)
         storage.write_text(f"{out}/tokenizer.json", encoder.to_json())
-        report = bpe.stats(encoder, texts)
+        report = bpe.stats(encoder, corpus_texts(storage, corpus))
         storage.write_json(f"{out}/report.json", {"tokenizer_id": tokenizer_id, **report})
         return {"tokenizer_id": tokenizer_id, **report}
 
     return run_step(
-        storage, "tokenizers", VERSIONS["encoder"], {"corpus": corpus.id}, cfg.encoder.model_dump(), run,
+        storage, "tokenizers", VERSIONS["encoder"], {"corpus": corpus[-1].id}, cfg.encoder.model_dump(), run,
         key_prefix="tok-",
     )
 
@@ -156,14 +238,14 @@ def load_encoder(storage: Storage, tokenizer_id: str) -> bpe.Encoder:
     return bpe.Encoder.from_json(storage.read_text(f"tokenizers/{tokenizer_id}/tokenizer.json"), tokenizer_id)
 
 
-def shards_step(storage: Storage, cfg: Config, tokenizer: StepResult, corpus: StepResult) -> StepResult:
+def shards_step(storage: Storage, cfg: Config, tokenizer: StepResult, corpus: list[StepResult]) -> StepResult:
     def run(out: str) -> dict:
         encoder = load_encoder(storage, tokenizer.key)
-        manifest = build_shards(storage, f"{corpus.path}/docs.parquet", encoder, cfg.shards, out, corpus.id)
+        manifest = build_shards(storage, corpus_docs(corpus), encoder, cfg.shards, out, corpus[-1].id)
         return {s: {k: v for k, v in m.items() if k != "shards"} for s, m in manifest["splits"].items()}
 
     return run_step(
-        storage, "shards", VERSIONS["shards"], {"tokenizer": tokenizer.id, "corpus": corpus.id},
+        storage, "shards", VERSIONS["shards"], {"tokenizer": tokenizer.id, "corpus": corpus[-1].id},
         cfg.shards.model_dump(exclude=RUNTIME_ONLY), run,
     )
 

@@ -59,3 +59,11 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Arrow objects left to the interpreter's final teardown can abort the
+    # process at exit (apache/arrow#34314); collect them while Arrow is alive.
+    import gc
+
+    gc.collect()

@@ -67,8 +67,11 @@ def test_shards_manifest_and_split(tmp_path, encoder):
          "japanese_ratio": 0.0, "katakana_ratio": 0.0, "dup_cluster": None}
         for i in range(12)
     ]
-    storage.write_parquet("c/docs.parquet", pa.Table.from_pylist(docs, schema=DOC))
-    manifest = build_shards(storage, "c/docs.parquet", encoder, ShardSettings(shard_tokens=100, val_fraction=0.2), "sh", "corpus/x")
+    # The corpus is one docs.parquet per dedup link; shards read them in order, a batch at a time.
+    storage.write_parquet("c1/docs.parquet", pa.Table.from_pylist(docs[:5], schema=DOC))
+    storage.write_parquet("c2/docs.parquet", pa.Table.from_pylist(docs[5:], schema=DOC))
+    settings = ShardSettings(shard_tokens=100, val_fraction=0.2, batch_docs=2)
+    manifest = build_shards(storage, ["c1/docs.parquet", "c2/docs.parquet"], encoder, settings, "sh", "corpus/x")
     train_split = manifest["splits"]["train"]
     assert manifest["tokenizer_id"] == "tok-test" and manifest["dtype"] == "uint16"
     assert all(s["tokens"] == 100 for s in train_split["shards"][:-1])

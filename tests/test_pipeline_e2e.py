@@ -48,8 +48,11 @@ def test_first_run_goes_through_every_stage(runs, config_file):
     crawl = _stage(first, "crawl sample-site")["figures"]
     assert crawl["new"] == 36 and crawl["failed"]["robots"] == 1 and crawl["encodings"]["cp932 (meta)"] == 1
     dropped = _stage(first, "clean")["figures"]["dropped"]
-    assert dropped["exact_duplicate"] == 1 and dropped["not_japanese"] == 1 and dropped["overlong_sentence"] >= 1
-    assert _stage(first, "dedup")["figures"]["near_duplicates"] == 1
+    assert dropped["not_japanese"] == 1 and dropped["overlong_sentence"] >= 1
+    dedup = _stage(first, "dedup")["figures"]
+    assert dedup["exact_duplicates"] == 1 and dedup["near_duplicates"] == 1
+    # The running figures of the last link cover every drop, extract and clean included.
+    assert dedup["corpus"]["dropped"]["exact_duplicate"] == 1 and dedup["corpus"]["dropped"]["not_japanese"] == 1
     assert _stage(first, "encoder")["figures"]["round_trip_exact"] is True
     train = _stage(first, "train")["figures"]
     assert train["final_val_loss"] < train["first_val_loss"] - 0.5  # the loss falls
@@ -73,6 +76,8 @@ def test_outputs_follow_the_data_contracts(runs, config_file):
     assert {"train", "val"} <= set(manifest["splits"]) and all(len(s["sha256"]) == 64 for s in manifest["splits"]["train"]["shards"])
     assert storage.exists(f"{first['steps']['train']}/loss.png")
     assert storage.exists(f"{corpus}/composition.png")
+    for name in ("bands", "signatures", "exact"):  # the dedup index the next partition is checked against
+        assert storage.exists(f"{corpus}/index/{name}.parquet")
 
 
 def test_second_run_adds_nothing_and_redoes_nothing(runs, config_file):
@@ -122,3 +127,23 @@ def test_crawl_stats_are_a_prefect_table_artifact(runs):
     rows = [row for table in tables for row in table if row["source"] == "sample-site"]
     assert sorted((r["new"], r["unchanged"]) for r in rows) == [(0, 36), (36, 0)]
     assert any(r["docs extracted"] == 36 and r["failed by reason"] == "robots 1" for r in rows)
+
+
+def test_cli_explains_the_corpus(runs, config_file):
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    origin = yaml.safe_load(open(config_file, encoding="utf-8"))["sources"][0]["start_urls"][0].rstrip("/")
+
+    def jagpt(*args: str) -> str:
+        done = subprocess.run([JAGPT, "corpus", *args, "--config", config_file], capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    stats = jagpt("stats")
+    assert "sample-site" in stats and "dedup:exact_duplicate 1" in stats and "clean:not_japanese 1" in stats
+    menu = jagpt("why", f"{origin}/links.html")
+    assert "clean: dropped for" in menu and "overlong_sentence: max_sentence_chars" in menu and "not in the corpus" in menu
+    robots = jagpt("why", f"{origin}/private/drafts.html")
+    assert "failed (robots)" in robots
+    kept = jagpt("why", f"{origin}/blog/01.html")
+    assert "in the corpus: doc" in kept and "hiragana_ratio" in kept
