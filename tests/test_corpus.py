@@ -40,3 +40,15 @@ def _extracted(storage, rows, name="e"):
     storage.write_parquet(f"{name}/extracted.parquet", pa.Table.from_pylist(full, schema=EXTRACTED))
     storage.write_parquet(f"{name}/dropped.parquet", pa.Table.from_pylist([], schema=DROPPED))
     return [f"{name}/extracted.parquet"], [f"{name}/dropped.parquet"]
+
+
+def test_publication_dates_in_japanese_forms():
+    from corpus.extract import japanese_date
+
+    assert japanese_date("<html><body><footer>© 2026</footer><p>投稿日：2026年1月18日</p>") == "2026-01-18"
+    assert japanese_date("<body><p>令和元年5月1日に改元</p>") == "2019-05-01"
+    assert japanese_date("<body><p>平成31年4月30日</p>") == "2019-04-30"
+    assert japanese_date("<body>更新 2024/3/9</body>") == "2024-03-09"
+    assert japanese_date("<body>2024年13月40日、日付なし</body>") is None
+    html = f"<html lang='ja'><body><article><p>2025年11月3日</p><p>{STORY}</p></article></body></html>"
+    assert extract_html(html, "http://x.example/a", ExtractSettings())["published"] == "2025-11-03"

@@ -9,6 +9,7 @@ writes them. Subclasses decide where URLs come from.
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime, timezone
 
 import scrapy
@@ -89,12 +90,16 @@ class JagptSpider(scrapy.Spider):
             self.done.update(urls)
             self.stored += len(urls)
         self.resumed = bool(self.done)
+        self.requested: set[str] = set()
 
     # -- where requests come from -------------------------------------------
 
     def page_request(self, url: str, depth: int | None = None, priority: int = 0) -> scrapy.Request | None:
-        if url in self.done:
+        # Menus repeat the same links on every page: skipping URLs already
+        # requested here saves building Requests the dupefilter would drop.
+        if url in self.done or url in self.requested:
             return None
+        self.requested.add(url)
         headers = {}
         prev = self.known.get(url)
         if prev and prev["outcome"] != "gone" and prev["content_sha1"]:
@@ -110,10 +115,16 @@ class JagptSpider(scrapy.Spider):
     def rechecks(self):
         """Known pages not yet settled this run, so changed and gone pages are noticed."""
         for url, row in self.known.items():
-            if row["outcome"] != "gone" and row["content_sha1"]:
+            if row["outcome"] != "gone" and row["content_sha1"] and self.wanted(url):
                 req = self.page_request(url, depth=row["depth"], priority=-1)
                 if req is not None:
                     yield req
+
+    def wanted(self, url: str) -> bool:
+        """The source's allow and deny patterns (links are filtered by the link extractor already)."""
+        if self.source.deny and any(re.search(p, url) for p in self.source.deny):
+            return False
+        return not self.source.allow or any(re.search(p, url) for p in self.source.allow)
 
     def resumed_links(self):
         """After a crash: the links of pages this run already stored, read from storage, not refetched."""
@@ -122,13 +133,14 @@ class JagptSpider(scrapy.Spider):
         for f in state.run_files(self.storage, self.source.name, self.run_id, "part"):
             t = self.storage.read_parquet([f], columns=["final_url", "body", "encoding", "depth"])
             for row in t.to_pylist():
-                yield from self.follow(row["final_url"], row["body"].decode(row["encoding"]), row["depth"] + 1)
+                page = HtmlResponse(url=row["final_url"], body=row["body"], encoding=row["encoding"])
+                yield from self.follow(page, row["depth"] + 1)
 
-    def follow(self, url: str, text: str, depth: int | None = None):
+    def follow(self, page: HtmlResponse, depth: int | None = None):
+        """Requests for the page's links; ``page`` carries the encoding jagpt decided, not Scrapy's guess."""
         if depth is not None and self.source.max_depth and depth > self.source.max_depth:
             return
-        decoded = HtmlResponse(url=url, body=text.encode("utf-8"), encoding="utf-8")
-        for link in self.links.extract_links(decoded):
+        for link in self.links.extract_links(page):
             req = self.page_request(link.url, depth)
             if req is not None:
                 yield req
@@ -217,7 +229,7 @@ class JagptSpider(scrapy.Spider):
                 },
             }
         if self.follow_links:
-            yield from self.follow(response.url, response.body.decode(encoding))
+            yield from self.follow(HtmlResponse(url=response.url, body=response.body, encoding=encoding))
 
     def on_error(self, failure):
         request = failure.request

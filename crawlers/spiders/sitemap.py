@@ -62,8 +62,3 @@ class SitemapSpider(JagptSpider):
             req = self.page_request(loc, depth=1)
             if req is not None:
                 yield req
-
-    def wanted(self, url: str) -> bool:
-        if self.source.deny and any(re.search(p, url) for p in self.source.deny):
-            return False
-        return not self.source.allow or any(re.search(p, url) for p in self.source.allow)
