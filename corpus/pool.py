@@ -144,6 +144,12 @@ def robust_map(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if n == 0:
         return
+    if multiprocessing.current_process().daemon:
+        # multiprocessing forbids it; say how to fix it instead of an AssertionError.
+        raise RuntimeError(
+            "robust_map cannot start worker processes from a daemonic process (a Dask worker started "
+            "by a nanny, for one): start Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False"
+        )
     # Small inputs get small chunks, so that every worker gets some.
     chunksize = max(1, min(chunksize, math.ceil(n / (4 * workers))))
     queue: deque[int] = deque(range(n))

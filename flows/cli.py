@@ -43,6 +43,8 @@ def _print_pipeline(summary: dict) -> None:
         print(f"loss curve:     {storage}/{steps['train']}/loss.png")
     if "dedup" in steps:
         print(f"corpus chart:   {storage}/{steps['dedup']}/composition.png")
+    if "report" in steps:
+        print(f"corpus report:  {storage}/{steps['report']}/  (composition.png, growth.png, composition.json, growth.json)")
     print("\n=== see the runs in the Prefect UI ===")
     print("  .venv/bin/prefect server start     # then open http://127.0.0.1:4200/runs")
     print('  .venv/bin/jagpt generate --prompt "むかし、むかし"   # sample again from the newest checkpoint')
@@ -64,11 +66,12 @@ def _show_progress() -> None:
 
 
 def cmd_pipeline(args) -> int:
-    from flows.pipeline import pipeline
+    from flows.pipeline import pipeline_for
 
-    load_config(args.config)  # fail fast, before Prefect starts
+    cfg = load_config(args.config)  # fail fast, before Prefect starts
     config_path = os.path.abspath(args.config) if args.config else None
-    summary = pipeline(config_path=config_path, skip_crawl=args.skip_crawl, until=args.until)
+    # The runner section picks the task runner (Prefect's thread pool, or Dask).
+    summary = pipeline_for(cfg)(config_path=config_path, skip_crawl=args.skip_crawl, until=args.until)
     _print_pipeline(summary)
     return 0
 

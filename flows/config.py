@@ -10,11 +10,13 @@ from importlib import resources
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from corpus.clean import CleanSettings
 from corpus.dedup import DedupSettings
 from corpus.extract import ExtractSettings
+from corpus.mixture import MixtureSettings
 from corpus.settings import Settings
 from corpus.storage import Storage
 from crawlers.config import CrawlSettings, Source
@@ -39,6 +41,24 @@ class GenerateSettings(Settings):
     seed: int = 0
 
 
+class RunnerSettings(Settings):
+    """Where the per-partition tasks (extract, clean) run; the rest of the flow stays in-process.
+
+    Neither set: Prefect's default thread pool, in the flow's process.
+    """
+
+    # An existing Dask scheduler, e.g. "tcp://10.0.0.5:8786".
+    dask_address: str | None = None
+    # Start a local Dask cluster of this many worker processes (one thread each) for the run.
+    dask_local_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> RunnerSettings:
+        if self.dask_address and self.dask_local_workers:
+            raise ValueError("set dask_address or dask_local_workers, not both")
+        return self
+
+
 class Config(Settings):
     storage: StorageConfig = StorageConfig()
     sources: list[Source] = Field(min_length=1)
@@ -46,10 +66,34 @@ class Config(Settings):
     extract: ExtractSettings = ExtractSettings()
     clean: CleanSettings = CleanSettings()
     dedup: DedupSettings = DedupSettings()
+    # Weights per genre and source: what the encoder and the shards' train split sample.
+    mixture: MixtureSettings = MixtureSettings()
     encoder: EncoderSettings = EncoderSettings()
     shards: ShardSettings = ShardSettings()
     train: TrainSettings = TrainSettings()
     generate: GenerateSettings = GenerateSettings()
+    runner: RunnerSettings = RunnerSettings()
+
+    @model_validator(mode="after")
+    def _mixture_names_known_sources(self) -> Config:
+        names = [s.name for s in self.sources]
+        unknown = [n for n in self.mixture.sources if n not in names]
+        if unknown:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "unknown_source", "no source named '{name}' in sources (they are: {known})",
+                            {"name": n, "known": ", ".join(names)},
+                        ),
+                        loc=("mixture", "sources", n),
+                        input=self.mixture.sources[n],
+                    )
+                    for n in unknown
+                ],
+            )
+        return self
 
     def storage_root(self) -> Storage:
         return Storage(self.storage.root, self.storage.options)

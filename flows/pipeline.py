@@ -4,13 +4,21 @@ Thin Prefect wiring over :mod:`flows.stages`. Tasks use no Prefect cache
 policy: the stages skip themselves when their inputs and settings are
 unchanged (outputs addressed by inputs, with success markers; docs/architecture.md
 says why), which works the same with or without Prefect.
+
+The per-partition steps (extract, clean) are one task each, submitted
+together, so they run on the flow's task runner: Prefect's thread pool by
+default, or a Dask cluster when the config's ``runner`` section names one
+(:func:`pipeline_for`). Their arguments are the Config and a partition name or
+StepResult, small and picklable; each task opens its own Storage. The dedup
+chain and everything after it run in the flow's process.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -18,6 +26,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 
 from flows import stages
 from flows.stages import STAGES
@@ -38,14 +47,16 @@ def crawl_task(cfg: Config):
     return results
 
 
-@task(name="extract", cache_policy=NO_CACHE)
-def extract_task(cfg: Config):
-    return [_logged(r, "extract") for r in stages.extract_all(cfg.storage_root(), cfg)]
+@task(name="extract", task_run_name="extract {partition}", cache_policy=NO_CACHE)
+def extract_task(cfg: Config, partition: str):
+    """One raw partition; may run in another process or on another machine (a Dask worker)."""
+    return _logged(stages.extract_step(cfg.storage_root(), cfg, partition), "extract")
 
 
 @task(name="clean", cache_policy=NO_CACHE)
 def clean_task(cfg: Config, extracted):
-    return [_logged(r, "clean") for r in stages.clean_all(cfg.storage_root(), cfg, extracted)]
+    """One extracted partition; may run in another process or on another machine (a Dask worker)."""
+    return _logged(stages.clean_step(cfg.storage_root(), cfg, extracted), "clean")
 
 
 @task(name="near-dedup", cache_policy=NO_CACHE)
@@ -61,6 +72,11 @@ def encoder_task(cfg: Config, corpus):
 @task(name="shards", cache_policy=NO_CACHE)
 def shards_task(cfg: Config, tokenizer, corpus):
     return _logged(stages.shards_step(cfg.storage_root(), cfg, tokenizer, corpus), "shards")
+
+
+@task(name="corpus-report", cache_policy=NO_CACHE)
+def report_task(cfg: Config, corpus, shards):
+    return _logged(stages.report_step(cfg.storage_root(), cfg, corpus, shards), "corpus-report")
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -123,14 +139,23 @@ def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate")
     if stop < STAGES.index("extract"):
         return summary
     steps: dict[str, Any] = {}
-    extracted = extract_task(cfg)
+    partitions = stages.partitions_to_extract(cfg.storage_root())
+    # One extract task per raw partition and one clean task per extract task, all
+    # submitted now: a clean starts as soon as its extract is done. Cleans come in
+    # chain order, the order the dedup chain needs.
+    task_cfg = _task_config(cfg)
+    extract_cfg = _extract_config(task_cfg, len(partitions))
+    extracting = {p: extract_task.submit(extract_cfg, p) for p in partitions}
+    cleaning = [clean_task.submit(task_cfg, extracting[p]) for p in sorted(partitions, key=stages.chain_order)]
+    wait([*extracting.values(), *cleaning])
+    extracted = [extracting[p].result() for p in partitions]  # raises the first extract failure
     for e in extracted:
         add("extract", _status(e), e.stats)
     if not skip_crawl:
         table = stages.crawl_table(cfg.storage_root(), crawls, extracted)
         summary["crawl_table"] = table
         create_table_artifact(table, key="crawl-stats", description="jagpt crawl: per-source figures of this run")
-    steps["clean"] = clean_task(cfg, extracted)
+    steps["clean"] = [f.result() for f in cleaning]
     plan = [
         ("dedup", lambda: dedup_task(cfg, steps["clean"])),
         ("encoder", lambda: encoder_task(cfg, steps["dedup"])),
@@ -143,6 +168,14 @@ def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate")
             break
         steps[name] = run()
         add(name, _status(steps[name]), _figures(steps[name]))
+        if name == "shards" or (name == "dedup" and stop < STAGES.index("shards")):
+            # The corpus report: composition (tokens too, once the shards exist) and growth.
+            steps["report"] = report_task(cfg, steps["dedup"], steps.get("shards"))
+            add("report", _status(steps["report"]), _figures(steps["report"]))
+            table, growth = stages.report_artifacts(cfg.storage_root(), steps["report"])
+            create_table_artifact(table, key="corpus-composition",
+                                  description="jagpt corpus: documents, characters, tokens per genre and source; mixture shares")
+            create_markdown_artifact(growth, key="corpus-growth", description="jagpt corpus: growth per link, and the charts' paths")
     # clean and dedup are one step per partition; the last dedup link names the corpus.
     summary["steps"] = {k: (v[-1] if isinstance(v, list) else v).path for k, v in steps.items()}
     if stop >= STAGES.index("register"):
@@ -154,6 +187,71 @@ def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate")
         summary["sample"] = generate_task(cfg)
     create_markdown_artifact(summary_markdown(summary), key="pipeline-summary", description="jagpt pipeline run")
     return summary
+
+
+def _task_config(cfg: Config) -> Config:
+    """The config as tasks get it: a local storage root made absolute, so a Dask worker
+    with another working directory (on the same machine or a shared disk) finds it."""
+    storage = cfg.storage_root()
+    if not storage.is_local:
+        return cfg
+    return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": storage.root})})
+
+
+def _extract_config(cfg: Config, partitions: int) -> Config:
+    """The config the extract tasks get: ``extract.workers: 0`` (a pool process per core) shared out.
+
+    Concurrent extract tasks on one machine would each start a pool of every
+    core. In-process, the cores are split between the partitions; on a local
+    Dask cluster, between its workers. On a remote cluster each task keeps
+    ``workers: 0``, a pool of its machine's cores (run one single-thread
+    ``dask worker`` per machine). ``workers`` changes no step key.
+    """
+    if cfg.extract.workers or cfg.runner.dask_address:
+        return cfg
+    cores = os.cpu_count() or 1
+    sharing = cfg.runner.dask_local_workers or min(partitions, cores)
+    share = max(1, cores // max(1, sharing))
+    return cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"workers": share})})
+
+
+def _local_dask_cluster(**kwargs):
+    """A ``distributed.LocalCluster`` whose worker processes may start the extract process pool."""
+    import dask
+    from distributed import LocalCluster
+
+    # Nanny-started workers are daemonic by default, and a daemonic process may not
+    # have children. Set for the whole process, so a worker the nanny restarts later
+    # gets it too; it only concerns Dask workers started from this process.
+    dask.config.set({"distributed.worker.daemon": False})
+    return LocalCluster(**kwargs)
+
+
+def task_runner_for(cfg: Config):
+    """The task runner the config's ``runner`` section asks for; None for Prefect's default thread pool."""
+    r = cfg.runner
+    if not (r.dask_address or r.dask_local_workers):
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if r.dask_address:
+        return DaskTaskRunner(address=r.dask_address)
+    return DaskTaskRunner(
+        cluster_class=_local_dask_cluster,
+        cluster_kwargs={
+            "n_workers": r.dask_local_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": "127.0.0.1:8787",  # loopback only; the dashboard needs bokeh
+        },
+    )
+
+
+def pipeline_for(cfg: Config) -> Flow:
+    """The ``pipeline`` flow with the task runner ``cfg.runner`` asks for (the CLI runs this)."""
+    runner = task_runner_for(cfg)
+    return pipeline if runner is None else pipeline.with_options(task_runner=runner)
 
 
 def _status(step) -> str:

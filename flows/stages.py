@@ -17,7 +17,8 @@ from corpus.clean import clean
 from corpus.dedup import dedup_partition
 from corpus.explain import write_current
 from corpus.extract import extract_partition
-from corpus.report import plot_composition
+from corpus.mixture import MixtureSettings
+from corpus.report import composition_table, growth_markdown, plot_composition, write_report
 from corpus.steps import StepResult, run_step
 from corpus.storage import Storage
 from crawlers.crawl import CrawlResult, crawl_sources, partition_files, raw_partitions
@@ -37,7 +38,7 @@ RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs"}
 
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
-VERSIONS = {"extract": 2, "clean": 1, "dedup": 2, "encoder": 1, "shards": 1, "train": 1}
+VERSIONS = {"extract": 3, "clean": 1, "dedup": 2, "encoder": 1, "shards": 2, "train": 1, "reports": 1}
 
 
 def crawl_all(storage: Storage, cfg: Config, names: list[str] | None = None) -> list[CrawlResult]:
@@ -92,24 +93,27 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def extract_all(storage: Storage, cfg: Config, force: bool = False) -> list[StepResult]:
-    """Extract every published raw partition (each once per extract settings).
-
-    ``force`` redoes partitions already extracted with these settings (``jagpt reextract``).
-    """
-    results = []
-    for partition in raw_partitions(storage):
-        files = partition_files(storage, partition)
-        results.append(
-            run_step(
-                storage, "extract", VERSIONS["extract"], {"raw": partition}, cfg.extract.model_dump(exclude=RUNTIME_ONLY),
-                lambda out, files=files, partition=partition: extract_partition(storage, files, cfg.extract, out, partition),
-                force=force,
-            )
-        )
-    if not results:
+def partitions_to_extract(storage: Storage) -> list[str]:
+    """The published raw partitions the extract stage reads; raises if there are none."""
+    partitions = raw_partitions(storage)
+    if not partitions:
         raise RuntimeError(f"no raw pages under {storage.url('raw')}: the crawl stored nothing")
-    return results
+    return partitions
+
+
+def extract_step(storage: Storage, cfg: Config, partition: str, force: bool = False) -> StepResult:
+    """Extract one raw partition (once per extract settings); ``force`` redoes it (``jagpt reextract``)."""
+    files = partition_files(storage, partition)
+    return run_step(
+        storage, "extract", VERSIONS["extract"], {"raw": partition}, cfg.extract.model_dump(exclude=RUNTIME_ONLY),
+        lambda out: extract_partition(storage, files, cfg.extract, out, partition),
+        force=force,
+    )
+
+
+def extract_all(storage: Storage, cfg: Config, force: bool = False) -> list[StepResult]:
+    """Extract every published raw partition, one after the other (:func:`extract_step` each)."""
+    return [extract_step(storage, cfg, partition, force) for partition in partitions_to_extract(storage)]
 
 
 _RUN_TIME = re.compile(r"(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z")
@@ -141,14 +145,17 @@ def clean_all(storage: Storage, cfg: Config, extracted: list[StepResult], force:
     ``force`` redoes steps that already finished (``jagpt corpus rebuild``).
     """
     ordered = sorted(extracted, key=lambda e: chain_order(partition_of(storage, e)))
-    return [
-        run_step(
-            storage, "corpus/clean", VERSIONS["clean"], {"extracted": e.id}, cfg.clean.model_dump(exclude=RUNTIME_ONLY),
-            lambda out, e=e: clean(storage, [f"{e.path}/extracted.parquet"], [f"{e.path}/dropped.parquet"], cfg.clean, out),
-            force=force,
-        )
-        for e in ordered
-    ]
+    return [clean_step(storage, cfg, e, force) for e in ordered]
+
+
+def clean_step(storage: Storage, cfg: Config, extracted: StepResult, force: bool = False) -> StepResult:
+    """Clean one extracted partition (once per clean settings); ``force`` redoes it."""
+    e = extracted
+    return run_step(
+        storage, "corpus/clean", VERSIONS["clean"], {"extracted": e.id}, cfg.clean.model_dump(exclude=RUNTIME_ONLY),
+        lambda out: clean(storage, [f"{e.path}/extracted.parquet"], [f"{e.path}/dropped.parquet"], cfg.clean, out),
+        force=force,
+    )
 
 
 def dedup_chain(storage: Storage, cfg: Config, cleaned: list[StepResult], force: bool = False) -> list[StepResult]:
@@ -197,6 +204,18 @@ def corpus_texts(storage: Storage, corpus: list[StepResult], batch: int = 1024) 
         yield from b.column(0).to_pylist()
 
 
+def mixed_texts(storage: Storage, corpus: list[StepResult], mixture: MixtureSettings, batch: int = 1024) -> Iterator[str]:
+    """The corpus texts as the mixture weighs them: each document ``mixture.copies(...)`` times, copies adjacent."""
+    if mixture.is_natural():
+        yield from corpus_texts(storage, corpus, batch)
+        return
+    columns = ["doc_id", "genre", "source", "text"]
+    for b in storage.iter_parquet(corpus_docs(corpus), columns=columns, batch_size=batch):
+        for d, g, s, t in zip(*(b.column(c).to_pylist() for c in columns)):
+            for _ in range(mixture.copies(d, g, s)):
+                yield t
+
+
 def total_stats(steps: list[StepResult]) -> dict:
     """Figures summed over steps (nested counts too); a ``corpus`` entry is the last step's running total."""
 
@@ -222,14 +241,16 @@ def total_stats(steps: list[StepResult]) -> dict:
 def encoder_step(storage: Storage, cfg: Config, corpus: list[StepResult]) -> StepResult:
     def run(out: str) -> dict:
         tokenizer_id = out.rsplit("/", 1)[1]
-        encoder = bpe.train(corpus_texts(storage, corpus), cfg.encoder, tokenizer_id)
+        # The training texts follow the mixture, like the shards' train split.
+        encoder = bpe.train(mixed_texts(storage, corpus, cfg.mixture), cfg.encoder, tokenizer_id)
         storage.write_text(f"{out}/tokenizer.json", encoder.to_json())
-        report = bpe.stats(encoder, corpus_texts(storage, corpus))
+        report = bpe.stats(encoder, mixed_texts(storage, corpus, cfg.mixture))
         storage.write_json(f"{out}/report.json", {"tokenizer_id": tokenizer_id, **report})
         return {"tokenizer_id": tokenizer_id, **report}
 
     return run_step(
-        storage, "tokenizers", VERSIONS["encoder"], {"corpus": corpus[-1].id}, cfg.encoder.model_dump(), run,
+        storage, "tokenizers", VERSIONS["encoder"], {"corpus": corpus[-1].id},
+        {**cfg.encoder.model_dump(), "mixture": cfg.mixture.key()}, run,
         key_prefix="tok-",
     )
 
@@ -241,13 +262,54 @@ def load_encoder(storage: Storage, tokenizer_id: str) -> bpe.Encoder:
 def shards_step(storage: Storage, cfg: Config, tokenizer: StepResult, corpus: list[StepResult]) -> StepResult:
     def run(out: str) -> dict:
         encoder = load_encoder(storage, tokenizer.key)
-        manifest = build_shards(storage, corpus_docs(corpus), encoder, cfg.shards, out, corpus[-1].id)
-        return {s: {k: v for k, v in m.items() if k != "shards"} for s, m in manifest["splits"].items()}
+        manifest = build_shards(storage, corpus_docs(corpus), encoder, cfg.shards, out, corpus[-1].id, cfg.mixture)
+        return {s: {k: v for k, v in m.items() if k not in ("shards", "composition")} for s, m in manifest["splits"].items()}
 
     return run_step(
         storage, "shards", VERSIONS["shards"], {"tokenizer": tokenizer.id, "corpus": corpus[-1].id},
-        cfg.shards.model_dump(exclude=RUNTIME_ONLY), run,
+        {**cfg.shards.model_dump(exclude=RUNTIME_ONLY), "mixture": cfg.mixture.key()}, run,
     )
+
+
+def report_step(storage: Storage, cfg: Config, corpus: list[StepResult], shards: StepResult | None = None) -> StepResult:
+    """The corpus report (``reports/<key>/``): composition and growth, as JSON tables and PNG charts.
+
+    Keyed by the corpus (its last link), the shards step (tokens per genre and
+    source, when it exists) and the mixture, so a rerun is a no-op.
+    """
+
+    def run(out: str) -> dict:
+        links = []
+        for link in corpus:
+            partition = _partition_of_link(storage, link)
+            when, source, run_id = chain_order(partition) if partition else ("", "", "")
+            links.append({"id": link.id, "path": link.path, "stats": link.stats, "partition": partition,
+                          "source": source, "run": run_id, "when": when})
+        manifest = storage.read_json(f"{shards.path}/manifest.json") if shards else None
+        return write_report(storage, out, links, cfg.mixture, manifest, shards.id if shards else None)
+
+    return run_step(
+        storage, "reports", VERSIONS["reports"], {"corpus": corpus[-1].id, "shards": shards.id if shards else None},
+        {"mixture": cfg.mixture.key()}, run,
+    )
+
+
+def _partition_of_link(storage: Storage, link: StepResult) -> str | None:
+    """The raw partition behind a dedup link (link -> clean -> extract markers), or None if one is missing."""
+    try:
+        clean_id = storage.marker(link.path)["inputs"]["clean"]
+        extract_id = storage.marker(clean_id)["inputs"]["extracted"]
+        return storage.marker(extract_id)["inputs"]["raw"]
+    except (FileNotFoundError, KeyError, TypeError):
+        return None
+
+
+def report_artifacts(storage: Storage, report: StepResult) -> tuple[list[dict], str]:
+    """The composition table and the growth markdown of a report step (for Prefect artifacts)."""
+    urls = {name: storage.url(f"{report.path}/{name}") for name in ("composition.png", "growth.png", "composition.json", "growth.json")}
+    composition = storage.read_json(f"{report.path}/composition.json")
+    growth = storage.read_json(f"{report.path}/growth.json")
+    return composition_table(composition), growth_markdown(growth, urls)
 
 
 def train_step(storage: Storage, cfg: Config, shards: StepResult, progress=None) -> StepResult:

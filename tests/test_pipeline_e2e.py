@@ -78,13 +78,24 @@ def test_outputs_follow_the_data_contracts(runs, config_file):
     assert storage.exists(f"{corpus}/composition.png")
     for name in ("bands", "signatures", "exact"):  # the dedup index the next partition is checked against
         assert storage.exists(f"{corpus}/index/{name}.parquet")
+    # The corpus report: composition with tokens (the shards exist), growth with a row per dedup link.
+    report = first["steps"]["report"]
+    assert report.startswith("reports/")
+    composition = storage.read_json(f"{report}/composition.json")
+    figures = _stage(first, "dedup")["figures"]["corpus"]
+    assert composition["totals"]["documents"] == figures["documents"] and composition["totals"]["characters"] == figures["characters"]
+    assert composition["totals"]["train_tokens"] == manifest["splits"]["train"]["tokens"]  # the natural mixture
+    assert [r["genre"] for r in composition["by_genre"]] == ["other"] and composition["by_genre"][0]["mixed_share_characters"] == 1.0
+    assert len(storage.read_json(f"{report}/growth.json")["links"]) == figures["links"]
+    for name in ("composition.png", "growth.png"):
+        assert storage.read_bytes(f"{report}/{name}").startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_second_run_adds_nothing_and_redoes_nothing(runs, config_file):
     first, second = runs
     crawl = _stage(second, "crawl sample-site")
     assert crawl["status"] == "stored nothing new" and crawl["figures"]["unchanged"] == 36
-    for name in ("extract", "clean", "dedup", "encoder", "shards", "train"):
+    for name in ("extract", "clean", "dedup", "encoder", "shards", "report", "train"):
         assert _stage(second, name)["status"].startswith("cached"), name
     assert _stage(second, "register")["status"] == "already registered"
     assert second["steps"] == first["steps"]
@@ -127,6 +138,28 @@ def test_crawl_stats_are_a_prefect_table_artifact(runs):
     rows = [row for table in tables for row in table if row["source"] == "sample-site"]
     assert sorted((r["new"], r["unchanged"]) for r in rows) == [(0, 36), (36, 0)]
     assert any(r["docs extracted"] == 36 and r["failed by reason"] == "robots 1" for r in rows)
+
+
+def test_corpus_report_is_a_table_and_a_markdown_artifact(runs):
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    first, _ = runs
+    with get_client(sync_client=True) as client:
+        tables = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["corpus-composition"])))
+        growth = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["corpus-growth"])))
+    # Other tests' flows may have made artifacts with these keys too: look for this run's.
+    assert all(a.type == "table" for a in tables) and all(a.type == "markdown" for a in growth)
+    documents = _stage(first, "dedup")["figures"]["corpus"]["documents"]
+    ours = [rows for rows in (json.loads(a.data) if isinstance(a.data, str) else a.data for a in tables)
+            if [(r["by"], r["name"]) for r in rows] == [("genre", "other"), ("source", "sample-site"), ("total", "corpus")]
+            and rows[-1]["documents"] == documents]
+    assert len(ours) >= 2  # the first run and the rerun
+    report = f"{first['storage']}/{first['steps']['report']}"
+    ours = [a.data for a in growth if f"{report}/growth.png" in a.data and f"{report}/composition.png" in a.data]
+    assert len(ours) >= 2 and all("| 1 | raw/source=sample-site/run=" in md for md in ours)
 
 
 def test_cli_explains_the_corpus(runs, config_file):
