@@ -473,3 +473,28 @@ def test_a_link_reads_the_earlier_index_on_gcs(gcs_root):
     _, dropped = _outputs(storage, "l2")
     assert sorted((d["url"], d["reasons"]) for d in dropped) == [("http://a/3", ["near_duplicate"]), ("http://a/4", ["exact_duplicate"])]
     assert second["kept"] == 0 and second["corpus"]["documents"] == 2
+
+
+def test_a_crash_mid_build_leaves_the_previous_corpus_readable_and_complete(tmp_path):
+    from corpus.explain import Corpus
+
+    cfg = config(tmp_path / "crash")
+    storage = cfg.storage_root()
+    write_week(storage, 1)
+    _, links = build(cfg)
+    before = Corpus.current(storage)
+    docs_before, dropped_before = corpus(storage, links)
+
+    # Week 2 arrives with a part file cut short in the middle of its upload.
+    write_week(storage, 2)
+    (broken,) = storage.glob(f"raw/source=a/run={_run_id(2, 'a')}/part-00000.parquet")
+    data = storage.read_bytes(broken)
+    storage.write_bytes(broken, data[: len(data) // 2])
+    with pytest.raises(Exception):
+        build(cfg)
+
+    after = Corpus.current(storage)
+    assert after == before
+    assert storage.read_parquet([f"{d}/docs.parquet" for d in after.dedup]).num_rows == len(docs_before)
+    assert corpus(storage, links) == (docs_before, dropped_before)
+    assert all(storage.is_published(d) for d in after.dedup + after.clean + after.extract)
