@@ -9,7 +9,7 @@ text, one that trafilatura raises on, one that runs longer than
 ``page_timeout_s``, and one that crashes its worker process are each dropped
 with their reason, never fatal.
 
-Partitions smaller than ``pool_min_pages`` are extracted in this process, which
+Batches smaller than ``pool_min_pages`` are extracted in this process, which
 saves starting the workers but has no such guard: there, a page that hangs
 hangs the stage, and one that crashes the interpreter ends it. Exceptions are
 still caught per page.
@@ -23,9 +23,11 @@ import posixpath
 import re
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from functools import lru_cache, partial
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from corpus.pool import CRASH, OK, TIMEOUT, describe, robust_map
@@ -49,6 +51,7 @@ class ExtractSettings(Settings):
     include_tables: bool = True
     workers: int = Field(default=0, ge=0, description="processes; 0 means one per core")
     pool_min_pages: int = Field(default=64, ge=1, description="below this, extract in-process")
+    batch_pages: int = Field(default=5000, gt=0, description="pages read and extracted at a time (bounds memory)")
     # In the step key: it decides which pages are dropped as extract_timeout.
     page_timeout_s: float = Field(default=30.0, gt=0, description="a page still running after this is dropped")
 
@@ -183,27 +186,39 @@ def extract_partition(
 ) -> dict:
     """Extract every page of one raw partition into ``out``; returns counts.
 
+    Streams ``batch_pages`` pages at a time (each batch gets its own worker
+    pool), so memory stays bounded whatever the partition's size; both
+    output files are written as they go and appear whole at the end.
     ``name`` labels the progress log lines (default: the folder of the first file).
     """
     name = name or (posixpath.dirname(files[0]) if files else out)
-    rows = storage.read_parquet(files).to_pylist()
-    kept, dropped = [], []
-    last_log = time.monotonic()
-    for i, (row, (status, value)) in enumerate(zip(rows, _outcomes(rows, settings)), 1):
-        if time.monotonic() - last_log >= PROGRESS_EVERY_S:
-            log.info("extract %s: %d/%d pages", name, i, len(rows))
-            last_log = time.monotonic()
-        base = {k: row[k] for k in ("url", "source", "genre", "fetched_at")}
-        if status == "kept":
-            kept.append({**base, "content_sha1": row["content_sha1"], **value})
-        else:
-            reason = value.split(":", 1)[0]
-            dropped.append(
-                {**base, "stage": "extract", "reasons": [reason], "detail": value, "doc_id": None, "n_chars": 0}
-            )
-    storage.write_parquet(f"{out}/extracted.parquet", pa.Table.from_pylist(kept, schema=EXTRACTED))
-    storage.write_parquet(f"{out}/dropped.parquet", pa.Table.from_pylist(dropped, schema=DROPPED))
+    total = sum(storage.parquet_rows(f) for f in files)
+    done = extracted = 0
     reasons: dict[str, int] = {}
-    for d in dropped:
-        reasons[d["reasons"][0]] = reasons.get(d["reasons"][0], 0) + 1
-    return {"pages": len(rows), "extracted": len(kept), "dropped": reasons}
+    last_log = time.monotonic()
+    with ExitStack() as stack:
+        kept_out = pq.ParquetWriter(stack.enter_context(storage.open_atomic(f"{out}/extracted.parquet")), EXTRACTED, compression="zstd")
+        stack.callback(kept_out.close)
+        dropped_out = pq.ParquetWriter(stack.enter_context(storage.open_atomic(f"{out}/dropped.parquet")), DROPPED, compression="zstd")
+        stack.callback(dropped_out.close)
+        for batch in storage.iter_parquet(files, batch_size=settings.batch_pages):
+            rows = batch.to_pylist()
+            kept, dropped = [], []
+            for row, (status, value) in zip(rows, _outcomes(rows, settings)):
+                done += 1
+                if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+                    log.info("extract %s: %d/%d pages", name, done, total)
+                    last_log = time.monotonic()
+                base = {k: row[k] for k in ("url", "source", "genre", "fetched_at")}
+                if status == "kept":
+                    kept.append({**base, "content_sha1": row["content_sha1"], **value})
+                else:
+                    reason = value.split(":", 1)[0]
+                    reasons[reason] = reasons.get(reason, 0) + 1
+                    dropped.append(
+                        {**base, "stage": "extract", "reasons": [reason], "detail": value, "doc_id": None, "n_chars": 0}
+                    )
+            extracted += len(kept)
+            kept_out.write_table(pa.Table.from_pylist(kept, schema=EXTRACTED))
+            dropped_out.write_table(pa.Table.from_pylist(dropped, schema=DROPPED))
+    return {"pages": done, "extracted": extracted, "dropped": reasons}

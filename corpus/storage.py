@@ -98,6 +98,11 @@ class Storage:
             raise FileNotFoundError("no parquet files given")
         return pa.concat_tables(tables, promote_options="default")
 
+    def parquet_rows(self, rel: str) -> int:
+        """Rows in a Parquet file, from its footer."""
+        with self.fs.open(self.path(rel), "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
     def iter_parquet(
         self, rels: list[str], columns: list[str] | None = None, batch_size: int = 1024
     ) -> Iterator[pa.RecordBatch]:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 STAGES = ["crawl", "extract", "clean", "dedup", "encoder", "shards", "train", "register", "generate"]
 
 # Settings that change how fast a step runs, never what it writes: kept out of step keys.
-RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs"}
+RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs", "batch_pages"}
 
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.

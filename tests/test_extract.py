@@ -102,6 +102,17 @@ def test_extract_partition_in_worker_processes(tmp_path):
     assert stats == {"pages": 4, "extracted": 2, "dropped": {"decode_error": 1, "no_text": 1}}
 
 
+def test_extract_partition_streams_in_batches_with_the_same_result(tmp_path):
+    storage = Storage(str(tmp_path))
+    part = write_raw(storage)
+    files = [f"{part}/part-00000.parquet"]
+    whole = extract_partition(storage, files, ExtractSettings(workers=1), "whole")
+    batched = extract_partition(storage, files, ExtractSettings(workers=1, batch_pages=1), "batched")
+    assert whole == batched
+    for name in ("extracted", "dropped"):
+        assert storage.read_parquet([f"whole/{name}.parquet"]).equals(storage.read_parquet([f"batched/{name}.parquet"]))
+
+
 def write_config(tmp_path, root) -> str:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
