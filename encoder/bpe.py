@@ -9,22 +9,41 @@
   runs of spaces/tabs, U+3000 runs, newline runs, and punctuation runs.
 * ``<|endoftext|>`` and ``<|pad|>`` are special tokens; text a user types that
   looks like them is encoded as plain text unless ``allow_special=True``.
+* With ``reserved_tags``, the corpus stage's content tags (``<URL>`` ``<EMAIL>``
+  ``<TEL>`` ``<DATE>`` ``<PRICE>``, :data:`corpus.normalize.CONTENT_TAGS`) are
+  single added tokens that are *not* special: they are always matched, and
+  decode to their own text, so a user who types ``<URL>`` gets the same token
+  as a replaced URL and the encoder stays lossless.
+* Ids: the added tokens come first, in a fixed order (``<|endoftext|>`` 0,
+  ``<|pad|>`` 1, then the reserved tags 2-6 when enabled), then the 256 byte
+  tokens, then the merges in the order learned. A new special token is added
+  to the end of :data:`SPECIAL_TOKENS` (before the tags); it shifts the later
+  ids, which is safe because shards and checkpoints name their tokenizer id,
+  and such a change bumps the encoder's step version.
+* BPE-dropout (:meth:`Encoder.with_dropout`) is for training-time augmentation
+  only; a stored ``tokenizer.json`` and every encoder loaded from one are
+  deterministic (dropout 0), which the shards and the eval rely on.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
 from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from corpus.normalize import CONTENT_TAGS
 from corpus.settings import Settings
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOT, PAD]
+# The corpus stage's content tags; reserved as plain (not special) added tokens when enabled.
+RESERVED_TAGS = [tag for tag, _ in CONTENT_TAGS]
+_TAG_SPLIT = re.compile("|".join(re.escape(t) for t in RESERVED_TAGS))
 
 PRETOKENIZE_PATTERN = (
     r"\p{N}"
@@ -39,10 +58,15 @@ PRETOKENIZE_PATTERN = (
 
 
 class EncoderSettings(Settings):
-    vocab_size: int = Field(default=32000, ge=len(SPECIAL_TOKENS) + 256 + 1, le=65536)
+    vocab_size: int = Field(default=32000, ge=len(SPECIAL_TOKENS) + len(RESERVED_TAGS) + 256 + 1, le=65536)
     min_frequency: int = Field(default=2, ge=1)
     max_token_length: int = Field(default=16, ge=1, description="characters, as the BPE trainer counts them")
     sample_chars: int = Field(default=200_000_000, gt=0, description="training text is cut at this many characters")
+    reserved_tags: bool = Field(
+        default=False,
+        description="reserve <URL> <EMAIL> <TEL> <DATE> <PRICE> as single tokens; "
+        "the encoder stage also does when clean.content_tags is on",
+    )
 
 
 class Encoder:
@@ -56,7 +80,29 @@ class Encoder:
 
     @classmethod
     def from_json(cls, text: str, tokenizer_id: str = "") -> Encoder:
-        return cls(Tokenizer.from_str(text), tokenizer_id)
+        """Load a stored tokenizer; always deterministic (BPE-dropout off), whatever the file says."""
+        tok = Tokenizer.from_str(text)
+        tok.model.dropout = None
+        return cls(tok, tokenizer_id)
+
+    def with_dropout(self, dropout: float) -> Encoder:
+        """A copy that encodes with BPE-dropout ``dropout`` (each merge skipped with that probability).
+
+        For training-time augmentation: the same vocabulary and ids, but a word
+        may be split into smaller pieces, differently on every call (not
+        seedable: the tokenizers library draws from its own thread RNG).
+        Decoding is unchanged and still lossless. This encoder stays deterministic.
+        """
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        tok = Tokenizer.from_str(self.tokenizer.to_str())
+        tok.model.dropout = dropout or None
+        return Encoder(tok, self.tokenizer_id)
+
+    @property
+    def reserved_tags(self) -> list[str]:
+        """The content tags this encoder holds as single tokens (empty if none)."""
+        return [t for t in RESERVED_TAGS if self.tokenizer.token_to_id(t) is not None]
 
     def to_json(self) -> str:
         return self.tokenizer.to_str()
@@ -89,27 +135,47 @@ def build_tokenizer() -> Tokenizer:
     return tok
 
 
+def sample_texts(texts: Iterable[str], sample_chars: int) -> Iterator[str]:
+    """``texts`` cut at ``sample_chars`` characters in all: the training sample."""
+    budget = sample_chars
+    for t in texts:
+        if budget <= 0:
+            return
+        yield t[:budget]
+        budget -= len(t)
+
+
 def train(texts: Iterable[str], settings: EncoderSettings, tokenizer_id: str = "") -> Encoder:
     """Train a BPE encoder on ``texts`` (cut at ``settings.sample_chars`` characters)."""
+    added = SPECIAL_TOKENS + (RESERVED_TAGS if settings.reserved_tags else [])
 
     def sample() -> Iterator[str]:
-        budget = settings.sample_chars
-        for t in texts:
-            if budget <= 0:
-                return
-            yield t[:budget]
-            budget -= len(t)
+        for t in sample_texts(texts, settings.sample_chars):
+            if settings.reserved_tags:
+                # Encoding matches added tokens before pre-tokenizing, so the
+                # text between tags is what BPE sees: train on the same pieces.
+                yield from (p for p in _TAG_SPLIT.split(t) if p)
+            else:
+                yield t
 
     tok = build_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=settings.vocab_size,
         min_frequency=settings.min_frequency,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=added,  # ids 0.. in this order, counted in vocab_size
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         max_token_length=settings.max_token_length,
         show_progress=False,
     )
     tok.train_from_iterator(sample(), trainer=trainer)
+    if settings.reserved_tags:
+        # The trainer registers every added token as special; the tags are not
+        # (always matched, even when special tokens are encoded as text).
+        data = json.loads(tok.to_str())
+        for entry in data["added_tokens"]:
+            if entry["content"] in RESERVED_TAGS:
+                entry["special"] = False
+        tok = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
     return Encoder(tok, tokenizer_id)
 
 

@@ -159,6 +159,39 @@ def cmd_corpus(args) -> int:
     return 0
 
 
+def cmd_encoder(args) -> int:
+    from flows import stages
+
+    cfg = load_config(args.config)
+    storage = cfg.storage_root()
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        print("jagpt encoder eval: the baselines need sentencepiece, from the dev extra: pip install -e '.[dev]'",
+              file=sys.stderr)
+        return 1
+    for flag in ("train_chars", "eval_chars"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            print(f"jagpt encoder eval: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    _show_progress()
+    step = stages.encoder_eval_step(
+        storage, cfg, tokenizer_id=args.tokenizer, train_chars=args.train_chars,
+        eval_chars=args.eval_chars or 10_000_000, force=args.force,
+    )
+    s = step.stats
+    print(
+        f"trained on {s['train_documents']} documents ({s['train_chars']} characters), measured on "
+        f"{s['eval_documents']} held-out documents ({s['eval_chars']} characters, {s['japanese_lines']} "
+        f"Japanese-only lines); vocabulary {s['vocab_size']}{' (stored result)' if step.cached else ''}\n"
+    )
+    print(stages.format_table(s["rows"]))
+    for name, error in s.get("errors", {}).items():
+        print(f"{name} did not train: {error}")
+    print(f"\n{storage.url(step.path)}/eval.json and eval.md")
+    return 0
+
+
 def cmd_import(args) -> int:
     from crawlers import bulk
 
@@ -279,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
         "stats: kept and dropped by reason and source",
     )
     p.add_argument("url", nargs="?", help="for why: the page's URL")
+
+    p = verb("encoder", cmd_encoder, "evaluate jagpt's encoder against baselines on held-out text of the corpus")
+    p.add_argument("action", choices=["eval"], help="eval: the table of figures per tokenizer")
+    p.add_argument("--tokenizer", metavar="ID", help="evaluate a stored tokenizer (tok-..., or newest) instead of "
+                   "training one on the train split; it may have seen the held-out documents")
+    p.add_argument("--train-chars", type=int, help="training sample size in characters (default: "
+                   "encoder.sample_chars, at most 20 million)")
+    p.add_argument("--eval-chars", type=int, help="held-out text in characters (default: 10 million)")
+    p.add_argument("--force", action="store_true", help="measure again even if this eval is stored")
 
     p = verb("import", cmd_import, "import Wikipedia dumps, Aozora Bunko zips or WARC/WET files as a raw partition")
     p.add_argument("kind", choices=["wikipedia", "aozora", "warc"], help="what the files are (warc: WARC or WET)")

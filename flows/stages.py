@@ -38,7 +38,8 @@ RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs", "batc
 
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
-VERSIONS = {"extract": 3, "clean": 1, "dedup": 2, "encoder": 1, "shards": 2, "train": 1, "reports": 1}
+VERSIONS = {"extract": 3, "clean": 1, "dedup": 2, "encoder": 1, "shards": 2, "train": 1, "reports": 1,
+            "encoder_eval": 1}
 
 
 def crawl_all(storage: Storage, cfg: Config, names: list[str] | None = None) -> list[CrawlResult]:
@@ -238,11 +239,19 @@ def total_stats(steps: list[StepResult]) -> dict:
     return total
 
 
+def encoder_settings(cfg: Config) -> bpe.EncoderSettings:
+    """The encoder settings in force: ``reserved_tags`` is on when the config
+    says so or when the clean stage writes content tags (``clean.content_tags``)."""
+    return cfg.encoder.model_copy(update={"reserved_tags": cfg.encoder.reserved_tags or cfg.clean.content_tags})
+
+
 def encoder_step(storage: Storage, cfg: Config, corpus: list[StepResult]) -> StepResult:
+    settings = encoder_settings(cfg)
+
     def run(out: str) -> dict:
         tokenizer_id = out.rsplit("/", 1)[1]
         # The training texts follow the mixture, like the shards' train split.
-        encoder = bpe.train(mixed_texts(storage, corpus, cfg.mixture), cfg.encoder, tokenizer_id)
+        encoder = bpe.train(mixed_texts(storage, corpus, cfg.mixture), settings, tokenizer_id)
         storage.write_text(f"{out}/tokenizer.json", encoder.to_json())
         report = bpe.stats(encoder, mixed_texts(storage, corpus, cfg.mixture))
         storage.write_json(f"{out}/report.json", {"tokenizer_id": tokenizer_id, **report})
@@ -250,9 +259,50 @@ def encoder_step(storage: Storage, cfg: Config, corpus: list[StepResult]) -> Ste
 
     return run_step(
         storage, "tokenizers", VERSIONS["encoder"], {"corpus": corpus[-1].id},
-        {**cfg.encoder.model_dump(), "mixture": cfg.mixture.key()}, run,
+        {**settings.model_dump(), "mixture": cfg.mixture.key()}, run,
         key_prefix="tok-",
     )
+
+
+def encoder_eval_step(
+    storage: Storage, cfg: Config, tokenizer_id: str | None = None, train_chars: int | None = None,
+    eval_chars: int = 10_000_000, force: bool = False,
+) -> StepResult:
+    """``jagpt encoder eval``: jagpt's encoder against baselines on the held-out split of the current corpus.
+
+    See :func:`encoder.evaluate.evaluate`. Keyed by the corpus (its last dedup
+    link), the tokenizer evaluated (a stored one, or ``None``: one trained here
+    on the train split) and the settings, so a rerun prints the stored table
+    unless ``force``.
+    """
+    from corpus.explain import Corpus
+    from encoder import evaluate
+
+    current = Corpus.current(storage)
+    files = [f"{d}/docs.parquet" for d in current.dedup]
+    settings = encoder_settings(cfg)
+    train_chars = train_chars or min(settings.sample_chars, evaluate.DEFAULT_TRAIN_CHARS)
+    encoder = None
+    if tokenizer_id:
+        tokenizer_id = evaluate.newest_tokenizer(storage) if tokenizer_id == "newest" else tokenizer_id
+        encoder = load_encoder(storage, tokenizer_id)
+
+    def run(out: str) -> dict:
+        result = evaluate.evaluate(
+            storage, files, settings, cfg.shards.val_fraction, cfg.mixture, encoder=encoder,
+            train_chars=train_chars, eval_chars=eval_chars, tokenizer_id=out.rsplit("/", 1)[1],
+        )
+        return evaluate.write_eval(storage, out, result)
+
+    step = run_step(
+        storage, "evals/encoder", VERSIONS["encoder_eval"],
+        {"corpus": current.dedup[-1], "tokenizer": f"tokenizers/{tokenizer_id}" if tokenizer_id else None},
+        {**settings.model_dump(), "mixture": cfg.mixture.key(), "val_fraction": cfg.shards.val_fraction,
+         "train_chars": train_chars, "eval_chars": eval_chars},
+        run, key_prefix="ev-", force=force,
+    )
+    evaluate.table_artifact(step.stats["rows"])  # only inside a Prefect flow or task run
+    return step
 
 
 def load_encoder(storage: Storage, tokenizer_id: str) -> bpe.Encoder:

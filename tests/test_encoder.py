@@ -6,10 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from corpus.normalize import normalize
 from corpus.schema import DOC
 from corpus.storage import Storage
-from encoder.bpe import EOT, EncoderSettings, train
+from encoder.bpe import EOT, PAD, RESERVED_TAGS, Encoder, EncoderSettings, train
 from encoder.shards import ShardSettings, build_shards, load_split
+from flows import stages
+from flows.config import parse_config
 
 TEXTS = [
     "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
@@ -29,6 +32,22 @@ TRICKY = [
     "<SP><BR><URL><EMAIL> tags from the seed",
     "",
     "\x00\x7f\ufffd",
+    # One case each, alone and in Japanese context: must decode to exactly the same string.
+    "👨‍👩‍👧‍👦",  # ZWJ family
+    "👍🏽",  # skin tone modifier
+    "🇯🇵",  # regional indicator pair
+    "❤️",  # VS16
+    "𠮷", "𩸽", "𪚲", "𠀋", "叱󠄀",  # non-BMP kanji, and an ideographic variation selector (U+E0100)
+    "ｶﾞｷﾞ", "ﾊﾟﾋﾟﾌﾟ｡ｰ",  # half-width kana with (semi-)voiced marks as separate characters
+    "e\u0301", "か\u3099", "cafe\u0301のは\u309a",  # combining marks, not composed
+    "a\r\nb\r\n\r\nc\rd",  # CRLF and a lone CR
+    "\t", "\t\t字下げ\tと\tタブ",
+    "\u3000", "\u3000\u3000全角の\u3000空白",
+    "\u00a0", "価格\u00a0100円",
+    "<|endoftext|>", "<|pad|>", "文書<|endoftext|>の途中",
+    "<SP>", "<BR>", "<URL>", "<EMAIL>", "<TEL>", "<DATE>", "<PRICE>", "<URL", "URL>", "<<URL>>", "<url>",
+    "詳細は <URL> まで。<DATE>に<PRICE>で発売。<SP>と<BR>",
+    "ＡＢＣ１２３！？",  # full-width forms (NFKC would change them)
 ]
 
 
@@ -37,9 +56,28 @@ def encoder():
     return train(TEXTS, EncoderSettings(vocab_size=600), "tok-test")
 
 
+TAGGED = [normalize(t, content_tags=True) for t in [
+    "詳細は https://example.jp/a まで。連絡先 info@example.jp、03-1234-5678。2026年1月5日に1,000円で発売。",
+    "公式サイト https://example.com/news をご覧ください。価格は ¥2,980 です。",
+]] * 10
+
+
+@pytest.fixture(scope="module")
+def tagged():
+    """An encoder with the content tags reserved, trained on text where the corpus stage put them."""
+    return train(TEXTS + TAGGED, EncoderSettings(vocab_size=600, reserved_tags=True), "tok-tagged")
+
+
+@pytest.fixture(params=["plain", "tagged"])
+def any_encoder(request, encoder, tagged):
+    return encoder if request.param == "plain" else tagged
+
+
 @pytest.mark.parametrize("text", TRICKY)
-def test_tricky_strings_round_trip(encoder, text):
-    assert encoder.decode(encoder.encode(text)) == text
+def test_tricky_strings_round_trip(any_encoder, text):
+    assert any_encoder.decode(any_encoder.encode(text)) == text
+    assert any_encoder.decode(any_encoder.encode(f"今日は{text}です")) == f"今日は{text}です"
+    assert any_encoder.decode(any_encoder.encode_batch([text])[0]) == text
 
 
 @settings(max_examples=300, deadline=None)
@@ -48,9 +86,61 @@ def test_any_text_round_trips(encoder, text):
     assert encoder.decode(encoder.encode(text)) == text
 
 
-def test_literal_special_token_is_plain_text_unless_allowed(encoder):
-    assert encoder.eot_id not in encoder.encode(f"a{EOT}b")
-    assert encoder.encode(EOT, allow_special=True) == [encoder.eot_id]
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=8), st.sampled_from([*RESERVED_TAGS, EOT, PAD, "<", ">"]))).map("".join))
+def test_text_with_tags_round_trips(tagged, text):
+    assert tagged.decode(tagged.encode(text)) == text
+
+
+def test_literal_special_token_is_plain_text_unless_allowed(any_encoder):
+    e = any_encoder
+    for special, special_id in ((EOT, e.eot_id), (PAD, e.pad_id)):
+        typed = e.encode(f"a{special}b")
+        assert special_id not in typed and len(typed) > 3
+        assert special_id not in e.encode_batch([special])[0]
+        assert e.encode(special, allow_special=True) == [special_id]
+        assert special_id in e.encode(f"a{special}b", allow_special=True)
+    assert (e.eot_id, e.pad_id) == (0, 1)
+
+
+def test_reserved_tags_are_single_plain_tokens(encoder, tagged):
+    ids = [tagged.tokenizer.token_to_id(t) for t in RESERVED_TAGS]
+    assert ids == [2, 3, 4, 5, 6] and tagged.reserved_tags == RESERVED_TAGS and tagged.vocab_size <= 600
+    for tag, tag_id in zip(RESERVED_TAGS, ids):
+        # The same token whether the corpus stage wrote it or a user typed it, with or without allow_special.
+        assert tagged.encode(tag) == [tag_id] == tagged.encode(tag, allow_special=True)
+        assert tag_id in tagged.encode(f"詳細は{tag}まで")
+        assert tagged.decode([tag_id]) == tag
+    line = TAGGED[0]
+    assert sum(i in ids for i in tagged.encode(line)) == line.count("<")
+    # Text that only looks like a tag is plain text; without reserved_tags, no tag is a token.
+    assert len(tagged.encode("<SP>")) > 1 and len(tagged.encode("<url>")) > 1
+    assert encoder.reserved_tags == [] and len(encoder.encode("<URL>")) > 1
+    # The byte tokens follow the added tokens.
+    assert tagged.tokenizer.token_to_id("!") == 7 and encoder.tokenizer.token_to_id("!") == 2
+
+
+def test_encoder_stage_reserves_tags_when_the_corpus_writes_them():
+    base = "sources:\n  - name: a\n    start_urls: ['http://a.example/']\n"
+    assert not stages.encoder_settings(parse_config(base)).reserved_tags
+    assert stages.encoder_settings(parse_config(base + "clean: {content_tags: true}\n")).reserved_tags
+    assert stages.encoder_settings(parse_config(base + "encoder: {reserved_tags: true}\n")).reserved_tags
+
+
+def test_bpe_dropout_is_an_augmenting_copy(encoder):
+    text = "今日はとても良い天気ですね。明日も晴れるといいのですが、天気予報では雨だそうです。" * 4
+    plain = encoder.encode(text)
+    dropped = encoder.with_dropout(0.5)
+    runs = [dropped.encode(text) for _ in range(5)]
+    assert all(dropped.decode(r) == text for r in runs)
+    assert len({tuple(r) for r in runs}) > 1 and min(len(r) for r in runs) > len(plain)
+    assert max(max(r) for r in runs) < encoder.vocab_size  # the same vocabulary
+    # The original, and anything loaded from a tokenizer.json (shards, eval), stay deterministic.
+    assert encoder.encode(text) == plain and encoder.tokenizer.model.dropout is None
+    assert Encoder.from_json(dropped.to_json()).encode(text) == plain
+    assert encoder.with_dropout(0.0).encode(text) == plain
+    with pytest.raises(ValueError):
+        encoder.with_dropout(1.0)
 
 
 def test_digits_are_split_and_japanese_merges(encoder):
