@@ -14,10 +14,17 @@ URL fetched more than once keeps only its newest copy (``superseded``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 from urllib.parse import urlsplit
 
 import duckdb
@@ -74,6 +81,7 @@ class CleanSettings(Thresholds):
     per_source: dict[str, dict[str, float]] = {}
     memory_limit: str = "2GB"
     batch_docs: int = Field(default=2000, gt=0)
+    workers: int = Field(default=0, ge=0, description="processes for the Python-side signals; 0 means one per core")
 
     @model_validator(mode="after")
     def _overrides_are_thresholds(self) -> CleanSettings:
@@ -114,16 +122,20 @@ RULES = [
     ("incompressible", "zlib_ratio", ">", "max_zlib_ratio"),
 ]
 
+# Documents per task of the worker processes: small enough to spread a batch over every core.
+POOL_SLICE_DOCS = 250
+
 SQL_SIGNALS = ["n_chars", "japanese_ratio", "hiragana_ratio", "katakana_ratio", "mean_sentence_chars", "max_sentence_chars"]
 ALL_SIGNALS = SQL_SIGNALS + quality.SIGNAL_NAMES
 
 SIGNALS_SQL = r"""
 WITH counted AS (
   SELECT *,
-    length(regexp_replace(text, '[^\p{Hiragana}]', '', 'g')) AS n_hira,
-    length(regexp_replace(text, '[^\p{Katakana}ー]', '', 'g')) AS n_kata,
-    length(regexp_replace(text, '[^\p{Han}々〆]', '', 'g')) AS n_han,
-    length(regexp_replace(text, '[^\p{L}]', '', 'g')) AS n_letters,
+    -- Runs (+), not single characters: the same count with far fewer replacements.
+    length(regexp_replace(text, '[^\p{Hiragana}]+', '', 'g')) AS n_hira,
+    length(regexp_replace(text, '[^\p{Katakana}ー]+', '', 'g')) AS n_kata,
+    length(regexp_replace(text, '[^\p{Han}々〆]+', '', 'g')) AS n_han,
+    length(regexp_replace(text, '[^\p{L}]+', '', 'g')) AS n_letters,
     -- A closing bracket after the full stop belongs to the sentence: 「はい。」
     list_filter(string_split_regex(regexp_replace(text, '([。！？!?])[」』）)]+', '\1', 'g'), '[。！？!?\n]+'),
                 lambda s: length(trim(s)) > 0) AS sentences
@@ -170,31 +182,75 @@ def _rules_sql() -> str:
     )
 
 
-def _signal_batches(storage: Storage, files: list[str], settings: CleanSettings):
-    """Normalized documents with their Python-side signals, a record batch at a time."""
+def _score(batch: pa.RecordBatch, settings: CleanSettings) -> pa.Table:
+    """One batch of extracted pages, normalized, with their Python-side signals."""
     ng = quality.ng_pattern(tuple(settings.ng_words), settings.bundled_ng_words)
     blocked = [d.lower().lstrip(".") for d in settings.blocked_domains]
+    out: dict[str, list] = {k: [] for k in ("url", "source", "genre", "fetched_at", "title", "text", "doc_id", "n_chars", "blocked", *quality.SIGNAL_NAMES)}
+    limits: dict[tuple[str, str], int] = {}
+    for row in batch.to_pylist():
+        text = normalize(row["text"] or "", settings.normal_form, settings.content_tags)
+        key = (row["source"], row["genre"])
+        if key not in limits:
+            limits[key] = settings.thresholds(*key).max_chars
+        limit = limits[key]
+        scored = quality.signals(text, ng) if len(text) <= limit else dict.fromkeys(quality.SIGNAL_NAMES)
+        for k in ("url", "source", "genre", "fetched_at", "title"):
+            out[k].append(row[k])
+        out["doc_id"].append(doc_id(text))
+        out["n_chars"].append(len(text))
+        # Too long to score: SQL sees a stub; the document is dropped as too_long anyway.
+        out["text"].append(text if len(text) <= limit else "")
+        out["blocked"].append(is_blocked(row["url"], blocked))
+        for k in quality.SIGNAL_NAMES:
+            out[k].append(scored[k])
+    return pa.table(out)
+
+
+def _extracted_batches(storage: Storage, files: list[str], batch_docs: int) -> Iterator[pa.RecordBatch]:
     for path in files:
         # Closed explicitly: a Parquet reader left to the interpreter's final
         # teardown can abort the process at exit (apache/arrow#34314).
         with storage.fs.open(storage.path(path), "rb") as f, pq.ParquetFile(f, pre_buffer=False) as reader:
-            for batch in reader.iter_batches(batch_size=settings.batch_docs, use_threads=False):
-                rows = batch.to_pylist()
-                out: dict[str, list] = {k: [] for k in ("url", "source", "genre", "fetched_at", "title", "text", "doc_id", "n_chars", "blocked", *quality.SIGNAL_NAMES)}
-                for row in rows:
-                    text = normalize(row["text"] or "", settings.normal_form, settings.content_tags)
-                    limit = settings.thresholds(row["source"], row["genre"]).max_chars
-                    scored = quality.signals(text, ng) if len(text) <= limit else dict.fromkeys(quality.SIGNAL_NAMES)
-                    for k in ("url", "source", "genre", "fetched_at", "title"):
-                        out[k].append(row[k])
-                    out["doc_id"].append(doc_id(text))
-                    out["n_chars"].append(len(text))
-                    # Too long to score: SQL sees a stub; the document is dropped as too_long anyway.
-                    out["text"].append(text if len(text) <= limit else "")
-                    out["blocked"].append(is_blocked(row["url"], blocked))
-                    for k in quality.SIGNAL_NAMES:
-                        out[k].append(scored[k])
-                yield pa.table(out)
+            yield from reader.iter_batches(batch_size=batch_docs, use_threads=False)
+
+
+def pool_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """``fn`` over ``items`` in ``workers`` processes, results in input order.
+
+    A few items per worker are in flight, so memory stays bounded however many
+    items come. With one worker, fewer than two items, or in a daemonic process
+    (which may not start processes: a Dask worker under a nanny), everything
+    runs here. ``fn`` must be importable (module level); the items and results
+    are pickled.
+    """
+    items = iter(items)
+    head = list(itertools.islice(items, 2))
+    if len(head) < 2 or workers <= 1 or multiprocessing.current_process().daemon:
+        yield from map(fn, itertools.chain(head, items))
+        return
+    # spawn, not fork: the parent may hold threads (DuckDB, Prefect) a forked child would inherit.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque = deque()
+        for item in itertools.chain(head, items):
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 3 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _signal_batches(storage: Storage, files: list[str], settings: CleanSettings) -> Iterator[pa.Table]:
+    """Normalized documents with their Python-side signals, in input order, a slice of a batch at a time.
+
+    ``workers`` processes score slices of at most ``POOL_SLICE_DOCS`` documents.
+    """
+    slices = (
+        b.slice(i, POOL_SLICE_DOCS)
+        for b in _extracted_batches(storage, files, settings.batch_docs)
+        for i in range(0, b.num_rows, POOL_SLICE_DOCS)
+    )
+    yield from pool_map(functools.partial(_score, settings=settings), slices, settings.workers or os.cpu_count() or 1)
 
 
 def _thresholds_table(settings: CleanSettings, pairs: list[tuple[str, str]]) -> pa.Table:
@@ -214,8 +270,12 @@ def clean(
         signals_path = os.path.join(tmp, "signals.parquet")
         writer = None
         pairs: set[tuple[str, str]] = set()
+        documents = 0
         for table in _signal_batches(storage, extracted, settings):
             pairs.update(zip(table["source"].to_pylist(), table["genre"].to_pylist()))
+            # The input order breaks ties in the sorts below (exact copies share a doc id).
+            table = table.append_column("pos", pa.array(range(documents, documents + table.num_rows), pa.int64()))
+            documents += table.num_rows
             if writer is None:
                 writer = pq.ParquetWriter(signals_path, table.schema)
             writer.write_table(table)
@@ -228,23 +288,23 @@ def clean(
         con.execute(f"SET temp_directory = '{tmp}'")
         con.register("thresholds", _thresholds_table(settings, sorted(pairs)))
         con.execute(f"CREATE VIEW signals AS SELECT * FROM read_parquet('{signals_path}')")
-        con.execute("CREATE VIEW scored AS " + SIGNALS_SQL.replace("{rules}", _rules_sql()))
+        # A table, not a view: the kept and the dropped queries below would each compute every signal again.
+        con.execute("CREATE TABLE scored AS " + SIGNALS_SQL.replace("{rules}", _rules_sql()))
         signal_struct = "{" + ", ".join(f"{s}: round({s}, 4)" for s in ALL_SIGNALS) + "}"
         kept_path, dropped_path = os.path.join(tmp, "kept.parquet"), os.path.join(tmp, "dropped.parquet")
         con.execute(
             f"""COPY (SELECT doc_id, url, source, genre, fetched_at, title, text, n_chars, hiragana_ratio,
                         japanese_ratio, katakana_ratio, NULL::VARCHAR AS dup_cluster,
                         to_json({signal_struct})::VARCHAR AS signals
-                      FROM scored WHERE len(reasons) = 0 ORDER BY doc_id)
+                      FROM scored WHERE len(reasons) = 0 ORDER BY doc_id, pos)
                 TO '{kept_path}' (FORMAT parquet)"""
         )
         con.execute(
             f"""COPY (SELECT url, source, genre, fetched_at, 'clean' AS stage, reasons,
                         to_json({signal_struct})::VARCHAR AS detail, doc_id, n_chars
-                      FROM scored WHERE len(reasons) > 0 ORDER BY url, doc_id)
+                      FROM scored WHERE len(reasons) > 0 ORDER BY url, doc_id, pos)
                 TO '{dropped_path}' (FORMAT parquet)"""
         )
-        documents = con.execute("SELECT count(*) FROM signals").fetchone()[0]
         con.close()
         return _write(storage, out, kept_path, dropped_path, earlier_dropped, documents)
 

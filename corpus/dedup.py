@@ -37,6 +37,7 @@ A link writes, under its folder::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -52,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from corpus.clean import POOL_SLICE_DOCS, pool_map
 from corpus.schema import DOC, DROPPED, conform
 from corpus.settings import Settings
 from corpus.storage import Storage
@@ -78,6 +80,7 @@ class DedupSettings(Settings):
     # Runtime only (kept out of the step key): how fast, never what.
     memory_limit: str = "2GB"
     batch_docs: int = Field(default=1000, gt=0, description="documents per signature batch; pairs are read 10x as many at a time")
+    workers: int = Field(default=0, ge=0, description="processes for the signatures; 0 means one per core")
 
 
 def detection_probability(j: float, bands: int, rows: int) -> float:
@@ -101,23 +104,28 @@ def shingle_hashes(text: str, k: int) -> np.ndarray:
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
     if len(codes) < k:
         codes = np.pad(codes, (0, k - len(codes)))
-    h = np.zeros(len(codes) - k + 1, dtype=np.uint64)
-    for i in range(k):  # polynomial rolling hash, wrapping mod 2**64
-        h = h * np.uint64(0x100000001B3) + codes[i : len(codes) - k + 1 + i]
-    return np.unique((h ^ (h >> np.uint64(29))) & _MASK32)
+    n = len(codes) - k + 1
+    h = codes[:n].copy()
+    for i in range(1, k):  # polynomial rolling hash, wrapping mod 2**64 (in place: no new arrays)
+        h *= np.uint64(0x100000001B3)
+        h += codes[i : n + i]
+    h ^= h >> np.uint64(29)
+    h &= _MASK32
+    return np.unique(h)
 
 
 def minhash(text: str, settings: DedupSettings) -> np.ndarray:
     """The MinHash signature (bands * rows 32-bit values) of ``text``."""
     a, b = _permutations(settings.bands * settings.rows, settings.seed)
     x = shingle_hashes(text[: settings.max_chars], settings.shingle_chars)
-    sig = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
+    low = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
     for start in range(0, len(x), 4096):  # bounded memory on huge documents
-        chunk = x[start : start + 4096]
-        # multiply-shift hashing: (a*x + b) mod 2**64, top 32 bits
-        hv = (a[:, None] * chunk[None, :] + b[:, None]) >> np.uint64(32)
-        sig = np.minimum(sig, hv.min(axis=1))
-    return sig.astype(np.uint32)
+        # multiply-shift hashing: (a*x + b) mod 2**64, top 32 bits. The shift is
+        # monotonic, so it is taken once, on the minimum.
+        hv = np.multiply.outer(a, x[start : start + 4096])
+        hv += b[:, None]
+        np.minimum(low, hv.min(axis=1), out=low)
+    return (low >> np.uint64(32)).astype(np.uint32)
 
 
 def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -245,6 +253,14 @@ def _write_kept(con, storage: Storage, rel: str, work: str, batch: int) -> int:
     return rows
 
 
+def _hash_texts(texts: pa.Array, settings: DedupSettings) -> tuple[np.ndarray, list[bytes]]:
+    """The MinHash signatures (a matrix) and the exact-duplicate keys of some texts."""
+    values = [t or "" for t in texts.to_pylist()]
+    if not values:
+        return np.zeros((0, settings.bands * settings.rows), np.uint32), []
+    return np.stack([minhash(t, settings) for t in values]), [text_hash(t) for t in values]
+
+
 def _signature_pass(storage: Storage, docs: str, settings: DedupSettings, work: str, bands: str) -> int:
     """Copy the partition's documents to a local work file with their hashes and signatures."""
     n = settings.bands * settings.rows
@@ -256,13 +272,19 @@ def _signature_pass(storage: Storage, docs: str, settings: DedupSettings, work: 
         band_schema = pa.schema([("pos", pa.int64()), ("band", pa.int16()), ("hash", pa.int64()), ("doc_id", pa.string())])
         pos = 0
         with pq.ParquetWriter(work, work_schema) as w, pq.ParquetWriter(bands, band_schema) as wb:
-            for batch in source.iter_batches(batch_size=settings.batch_docs):
-                texts = batch.column(schema.get_field_index("text")).to_pylist()
+            # The signatures are computed by worker processes, a slice of a batch each; the work
+            # file is still written a whole batch at a time.
+            ours, theirs = itertools.tee(source.iter_batches(batch_size=settings.batch_docs))
+            text_column = schema.get_field_index("text")
+            slices = (b.column(text_column).slice(i, POOL_SLICE_DOCS) for b in theirs for i in range(0, b.num_rows, POOL_SLICE_DOCS))
+            hashed = pool_map(functools.partial(_hash_texts, settings=settings), slices, settings.workers or os.cpu_count() or 1)
+            for batch in ours:
+                parts = [next(hashed) for _ in range(0, batch.num_rows, POOL_SLICE_DOCS)]
+                sigs = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, n), np.uint32)
                 ids = batch.column(schema.get_field_index("doc_id")).to_pylist()
-                sigs = np.stack([minhash(t or "", settings) for t in texts]) if texts else np.zeros((0, n), np.uint32)
-                positions = np.arange(pos, pos + len(texts), dtype=np.int64)
+                positions = np.arange(pos, pos + batch.num_rows, dtype=np.int64)
                 table = pa.Table.from_batches([batch]).append_column("pos", pa.array(positions))
-                table = table.append_column("text_hash", pa.array([text_hash(t or "") for t in texts], pa.binary(16)))
+                table = table.append_column("text_hash", pa.array([h for p in parts for h in p[1]], pa.binary(16)))
                 table = table.append_column("signature", pa.array([s.tobytes() for s in sigs], pa.binary(4 * n)))
                 w.write_table(table)
                 bh = band_hashes(sigs, settings.bands, settings.rows)
@@ -270,14 +292,16 @@ def _signature_pass(storage: Storage, docs: str, settings: DedupSettings, work: 
                     pa.table(
                         {
                             "pos": np.repeat(positions, settings.bands),
-                            "band": np.tile(np.arange(settings.bands, dtype=np.int16), len(texts)),
+                            "band": np.tile(np.arange(settings.bands, dtype=np.int16), batch.num_rows),
                             "hash": bh.reshape(-1),
                             "doc_id": pa.array(np.repeat(np.array(ids, dtype=object), settings.bands), pa.string()),
                         },
                         schema=band_schema,
                     )
                 )
-                pos += len(texts)
+                pos += batch.num_rows
+            for _ in hashed:  # every slice is taken; this lets the workers stop
+                pass
     return pos
 
 

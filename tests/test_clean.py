@@ -188,3 +188,13 @@ def test_ngram_signals_measure_repetition():
     repeated = ngram_signals("0123456789" * 2)
     assert repeated["dup_10gram"] == pytest.approx(0.5)  # the second copy repeats the first
     assert signals(PROSE, None)["dup_5gram"] < 0.15
+
+
+def test_worker_processes_give_the_same_result_as_one_process(tmp_path, monkeypatch):
+    import corpus.clean
+
+    monkeypatch.setattr(corpus.clean, "POOL_SLICE_DOCS", 2)  # several slices from a few documents
+    docs = [(f"http://a/{i}", shuffled_prose(i)) for i in range(7)] + [("http://a/bad", FAILING["dup_lines"][0])]
+    one = run_clean(tmp_path, docs, CleanSettings(workers=1), name="one")
+    two = run_clean(tmp_path, docs, CleanSettings(workers=2), name="two")
+    assert one == two and len(one[0]) == 7 and "dup_lines" in one[1]["http://a/bad"]["reasons"]
