@@ -51,7 +51,7 @@ from corpus.extract import ExtractSettings, extract_partition  # noqa: E402
 from corpus.storage import Storage  # noqa: E402
 from crawlers.config import CrawlSettings, Source  # noqa: E402
 from crawlers.crawl import crawl_source, partition_files  # noqa: E402
-from crawlers.sample import site_dir  # noqa: E402
+from crawlers.sample import sample_sentences as site_sentences  # noqa: E402
 
 TARGET_FETCH_PAGES_S = 150.0
 TARGET_EXTRACT_PAGES_S_PER_CORE = 25.0
@@ -62,9 +62,6 @@ SITE_NAME = "みどり町アーカイブ"
 # generated from phrase lists, so every paragraph (and every page) is unique.
 # --------------------------------------------------------------------------
 
-_P = re.compile(r"<p(?:\s[^>]*)?>(.*?)</p>", re.S | re.I)
-_TAG = re.compile(r"<[^>]+>")
-_SENT = re.compile(r"[^。！？]+[。！？]")
 
 TIMES = ["今朝", "昨日の夕方", "先週の日曜日", "この春", "去年の秋", "毎朝", "夜遅く", "昼休みに", "月に一度",
          "年末に", "梅雨の晴れ間に", "連休の初日に", "雪の降った翌日", "夏祭りの前の晩", "朝市の日"]
@@ -109,31 +106,15 @@ RELATED = 5
 
 
 def sample_sentences() -> list[str]:
-    """Every sentence of the bundled sample site's paragraphs (Japanese pages only)."""
-    out: set[str] = set()
-    root = site_dir()
-    for dirpath, _, names in os.walk(root):
-        if os.path.basename(dirpath) == "private":
+    """The sample site's sentences that also encode as cp932 (usable on the Shift_JIS pages too)."""
+    out = []
+    for s in site_sentences():
+        try:
+            s.encode("cp932")
+        except UnicodeEncodeError:
             continue
-        for name in names:
-            if not name.endswith(".html") or name == "english.html":
-                continue
-            raw = open(os.path.join(dirpath, name), "rb").read()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("cp932", "replace")
-            for p in _P.findall(text):
-                plain = html.unescape(_TAG.sub("", p)).strip()
-                for s in _SENT.findall(plain):
-                    s = s.strip()
-                    if len(s) >= 12:
-                        try:
-                            s.encode("cp932")  # usable on the Shift_JIS pages too
-                        except UnicodeEncodeError:
-                            continue
-                        out.add(s)
-    return sorted(out)
+        out.append(s)
+    return out
 
 
 def gen_sentence(rng: random.Random) -> str:

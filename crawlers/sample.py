@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import html
+import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,3 +58,28 @@ def serve_sample_site(host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+_PARAGRAPH = re.compile(r"<p(?:\s[^>]*)?>(.*?)</p>", re.S | re.I)
+_TAG = re.compile(r"<[^>]+>")
+_SENTENCE = re.compile(r"[^。！？]+[。！？]")
+
+
+def sample_sentences(min_chars: int = 12) -> list[str]:
+    """Every sentence of the sample site's Japanese paragraphs (for benchmarks that need real prose)."""
+    out: set[str] = set()
+    for dirpath, _, names in os.walk(site_dir()):
+        if os.path.basename(dirpath) == "private":
+            continue
+        for name in names:
+            if not name.endswith(".html") or name == "english.html":
+                continue
+            with open(os.path.join(dirpath, name), "rb") as f:
+                raw = f.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("cp932")
+            for p in _PARAGRAPH.findall(text):
+                out.update(s.strip() for s in _SENTENCE.findall(html.unescape(_TAG.sub("", p))) if len(s.strip()) >= min_chars)
+    return sorted(out)
