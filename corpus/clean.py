@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
-import multiprocessing
 import os
 import tempfile
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import duckdb
@@ -33,6 +28,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from corpus import quality
+from corpus.pool import pool_map
 from corpus.normalize import NormalForm, normalize
 from corpus.schema import DOC, DROPPED, conform
 from corpus.settings import Settings
@@ -213,31 +209,6 @@ def _extracted_batches(storage: Storage, files: list[str], batch_docs: int) -> I
         # teardown can abort the process at exit (apache/arrow#34314).
         with storage.fs.open(storage.path(path), "rb") as f, pq.ParquetFile(f, pre_buffer=False) as reader:
             yield from reader.iter_batches(batch_size=batch_docs, use_threads=False)
-
-
-def pool_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
-    """``fn`` over ``items`` in ``workers`` processes, results in input order.
-
-    A few items per worker are in flight, so memory stays bounded however many
-    items come. With one worker, fewer than two items, or in a daemonic process
-    (which may not start processes: a Dask worker under a nanny), everything
-    runs here. ``fn`` must be importable (module level); the items and results
-    are pickled.
-    """
-    items = iter(items)
-    head = list(itertools.islice(items, 2))
-    if len(head) < 2 or workers <= 1 or multiprocessing.current_process().daemon:
-        yield from map(fn, itertools.chain(head, items))
-        return
-    # spawn, not fork: the parent may hold threads (DuckDB, Prefect) a forked child would inherit.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending: deque = deque()
-        for item in itertools.chain(head, items):
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 3 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _signal_batches(storage: Storage, files: list[str], settings: CleanSettings) -> Iterator[pa.Table]:

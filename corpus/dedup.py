@@ -53,7 +53,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from corpus.clean import POOL_SLICE_DOCS, pool_map
+from corpus.clean import POOL_SLICE_DOCS
+from corpus.pool import pool_map
 from corpus.schema import DOC, DROPPED, conform
 from corpus.settings import Settings
 from corpus.storage import Storage

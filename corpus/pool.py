@@ -28,6 +28,7 @@ and ``initializer`` must therefore be importable (module level, or a
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import multiprocessing
@@ -36,6 +37,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -210,3 +212,28 @@ def robust_map(
     finally:
         for w in pool:
             w.stop(kill=True)
+
+
+def pool_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """``fn`` over ``items`` in ``workers`` processes, results in input order.
+
+    A few items per worker are in flight, so memory stays bounded however many
+    items come. With one worker, fewer than two items, or in a daemonic process
+    (which may not start processes: a Dask worker under a nanny), everything
+    runs here. ``fn`` must be importable (module level); the items and results
+    are pickled.
+    """
+    items = iter(items)
+    head = list(itertools.islice(items, 2))
+    if len(head) < 2 or workers <= 1 or multiprocessing.current_process().daemon:
+        yield from map(fn, itertools.chain(head, items))
+        return
+    # spawn, not fork: the parent may hold threads (DuckDB, Prefect) a forked child would inherit.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque = deque()
+        for item in itertools.chain(head, items):
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 3 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -144,9 +144,9 @@ def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate")
     # submitted now: a clean starts as soon as its extract is done. Cleans come in
     # chain order, the order the dedup chain needs.
     task_cfg = _task_config(cfg)
-    extract_cfg = _extract_config(task_cfg, len(partitions))
-    extracting = {p: extract_task.submit(extract_cfg, p) for p in partitions}
-    cleaning = [clean_task.submit(task_cfg, extracting[p]) for p in sorted(partitions, key=stages.chain_order)]
+    shared_cfg = _shared_cores(task_cfg, len(partitions))
+    extracting = {p: extract_task.submit(shared_cfg, p) for p in partitions}
+    cleaning = [clean_task.submit(shared_cfg, extracting[p]) for p in sorted(partitions, key=stages.chain_order)]
     wait([*extracting.values(), *cleaning])
     extracted = [extracting[p].result() for p in partitions]  # raises the first extract failure
     for e in extracted:
@@ -198,21 +198,26 @@ def _task_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": storage.root})})
 
 
-def _extract_config(cfg: Config, partitions: int) -> Config:
-    """The config the extract tasks get: ``extract.workers: 0`` (a pool process per core) shared out.
+def _shared_cores(cfg: Config, partitions: int) -> Config:
+    """The config the extract and clean tasks get: ``workers: 0`` (a pool process per core) shared out.
 
-    Concurrent extract tasks on one machine would each start a pool of every
+    Concurrent extract or clean tasks on one machine would each start a pool of every
     core. In-process, the cores are split between the partitions; on a local
     Dask cluster, between its workers. On a remote cluster each task keeps
     ``workers: 0``, a pool of its machine's cores (run one single-thread
     ``dask worker`` per machine). ``workers`` changes no step key.
     """
-    if cfg.extract.workers or cfg.runner.dask_address:
+    if cfg.runner.dask_address:
         return cfg
     cores = os.cpu_count() or 1
     sharing = cfg.runner.dask_local_workers or min(partitions, cores)
     share = max(1, cores // max(1, sharing))
-    return cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"workers": share})})
+    update = {
+        name: getattr(cfg, name).model_copy(update={"workers": share})
+        for name in ("extract", "clean")
+        if not getattr(cfg, name).workers
+    }
+    return cfg.model_copy(update=update)
 
 
 def _local_dask_cluster(**kwargs):

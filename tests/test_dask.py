@@ -108,12 +108,15 @@ def test_tasks_get_an_absolute_root_and_a_share_of_the_cores(tmp_path, monkeypat
     base = "sources: [{name: a, start_urls: ['http://a.example/']}]\nstorage: {root: ./data}\n"
     cfg = pipeline_module._task_config(parse_config(base))
     assert cfg.storage.root == str(tmp_path / "data")
-    assert pipeline_module._extract_config(cfg, 1).extract.workers == 8  # one partition: every core
-    assert pipeline_module._extract_config(cfg, 3).extract.workers == 2
+    assert pipeline_module._shared_cores(cfg, 1).extract.workers == 8  # one partition: every core
+    assert pipeline_module._shared_cores(cfg, 3).extract.workers == 2
+    assert pipeline_module._shared_cores(cfg, 3).clean.workers == 2
+    explicit = parse_config(base + "clean: {workers: 1}")
+    assert pipeline_module._shared_cores(explicit, 3).clean.workers == 1
     local = parse_config(base + "runner: {dask_local_workers: 4}")
-    assert pipeline_module._extract_config(local, 10).extract.workers == 2
+    assert pipeline_module._shared_cores(local, 10).extract.workers == 2
     remote = parse_config(base + "runner: {dask_address: 'tcp://127.0.0.1:8786'}")
-    assert pipeline_module._extract_config(remote, 10).extract.workers == 0  # each machine's own cores
+    assert pipeline_module._shared_cores(remote, 10).extract.workers == 0  # each machine's own cores
     assert pipeline_module.task_runner_for(parse_config(base)) is None
     assert pipeline_module.task_runner_for(remote).address == "tcp://127.0.0.1:8786"
     with pytest.raises(ConfigError, match="not both"):
