@@ -1,4 +1,8 @@
 import io
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -171,6 +175,38 @@ def test_shards_manifest_and_split(tmp_path, encoder):
     storage.write_bytes("sh/" + train_split["shards"][0]["path"], _npy(np.zeros(100, np.uint16)))
     with pytest.raises(ValueError, match="sha256"):
         load_split(storage, "sh", "train")
+
+
+SHARD_SCRIPT = """
+import sys
+from corpus.storage import Storage
+from encoder.bpe import Encoder
+from encoder.shards import ShardSettings, build_shards
+root, tokenizer = sys.argv[1], sys.argv[2]
+encoder = Encoder.from_json(open(tokenizer, encoding="utf-8").read(), "tok-test")
+build_shards(Storage(root), ["c1/docs.parquet"], encoder, ShardSettings(shard_tokens=64, batch_docs=1), "sh", "corpus/x")
+"""
+
+
+def test_a_crash_while_sharding_leaves_no_manifest(tmp_path, encoder):
+    storage = Storage(str(tmp_path))
+    docs = [
+        {"doc_id": f"f{i:031x}", "url": f"u{i}", "source": "s", "genre": "blog", "fetched_at": None, "title": "",
+         "text": TEXTS[i % 4] * 50, "n_chars": 1, "hiragana_ratio": 0.0, "japanese_ratio": 0.0,
+         "katakana_ratio": 0.0, "dup_cluster": None}
+        for i in range(20000)
+    ]
+    storage.write_parquet("c1/docs.parquet", pa.Table.from_pylist(docs, schema=DOC))
+    (tmp_path / "tok.json").write_text(encoder.to_json(), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, str(tmp_path), str(tmp_path / "tok.json")],
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(storage.glob("sh/train/*.npy")) < 3:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert len(storage.glob("sh/train/*.npy")) >= 3  # killed with shards written...
+    assert not storage.exists("sh/manifest.json")  # ...and nothing points at them
 
 
 def _npy(a):
