@@ -491,12 +491,7 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
             name="bench", start_urls=[base], sitemaps=[base + "sitemap.xml"], allow_private_hosts=["127.0.0.1"],
             max_pages=n_html + 50, max_depth=10, max_minutes=10,
         )
-        politeness_off = {"download_delay": 0, "concurrent_requests_per_domain": args.concurrency}
-        if "autothrottle" in CrawlSettings.model_fields:
-            politeness_off["autothrottle"] = False
-        else:  # an older crawler: AutoThrottle stays on and will slow the crawl down
-            log("warning: CrawlSettings has no 'autothrottle' switch; AutoThrottle stays on")
-        settings = CrawlSettings(**politeness_off)
+        settings = CrawlSettings(download_delay=0, autothrottle=False, concurrent_requests_per_domain=args.concurrency)
 
         grab = _ScrapyStats()
         progress = logging.StreamHandler(sys.stderr)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -153,11 +152,6 @@ SELECT scored.* EXCLUDE (sentences, n_hira, n_kata, n_han, n_letters),
   ], lambda x: x IS NOT NULL) AS reasons
 FROM scored JOIN thresholds t USING (source, genre)
 """
-
-
-def arrow_of(relation) -> pa.Table:
-    result = relation.arrow()
-    return result.read_all() if isinstance(result, pa.RecordBatchReader) else result
 
 
 def doc_id(text: str) -> str:
@@ -298,7 +292,3 @@ def reason_counts(dropped: pa.Table) -> dict[str, int]:
         for r in reasons:
             counts[r] = counts.get(r, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def explain(detail: str) -> dict:
-    return json.loads(detail) if detail and detail.startswith("{") else {"detail": detail}

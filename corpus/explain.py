@@ -82,13 +82,9 @@ def why(storage: Storage, url: str, settings: CleanSettings) -> list[str]:
     if not crawl:
         lines.append("  crawl: not in any source's crawl state")
     kept = _rows(storage, [f"{d}/docs.parquet" for d in corpus.dedup], url)
-    dropped = _rows(storage, [f"{d}/dropped.parquet" for d in corpus.dedup + corpus.clean], url)
-    seen = set()
+    # A dedup link's dropped table carries its partition's extract and clean drops too.
+    dropped = _rows(storage, [f"{d}/dropped.parquet" for d in corpus.dedup], url)
     for d in dropped:
-        key = (d["stage"], tuple(d["reasons"]), d["doc_id"])
-        if key in seen:
-            continue  # the clean table carries the extract drops too
-        seen.add(key)
         lines.append(f"  {d['stage']}: dropped for {', '.join(d['reasons'])}")
         detail = d["detail"] or ""
         if d["stage"] == "clean" and detail.startswith("{"):
@@ -115,20 +111,15 @@ def stats(storage: Storage) -> dict:
     corpus = Corpus.current(storage)
     per_source: dict[str, dict] = defaultdict(lambda: {"kept": 0, "characters": 0, "dropped": defaultdict(int)})
     for d in corpus.dedup:
-        for rel, columns in ((f"{d}/docs.parquet", ["source", "n_chars"]),):
-            with storage.fs.open(storage.path(rel), "rb") as f:
-                t = pq.read_table(f, columns=columns)
-            for source, n in zip(t["source"].to_pylist(), t["n_chars"].to_pylist()):
-                per_source[source]["kept"] += 1
-                per_source[source]["characters"] += n
-    seen = set()
-    for rel in [f"{d}/dropped.parquet" for d in corpus.dedup + corpus.clean]:
+        with storage.fs.open(storage.path(f"{d}/docs.parquet"), "rb") as f:
+            t = pq.read_table(f, columns=["source", "n_chars"])
+        for source, n in zip(t["source"].to_pylist(), t["n_chars"].to_pylist()):
+            per_source[source]["kept"] += 1
+            per_source[source]["characters"] += n
+    for rel in [f"{d}/dropped.parquet" for d in corpus.dedup]:
         with storage.fs.open(storage.path(rel), "rb") as f:
-            t = pq.read_table(f, columns=["url", "source", "stage", "reasons", "doc_id"])
-        for url, source, stage, reasons, doc in zip(*(t[c].to_pylist() for c in t.column_names)):
-            if (url, stage, doc) in seen:
-                continue
-            seen.add((url, stage, doc))
+            t = pq.read_table(f, columns=["source", "stage", "reasons"])
+        for source, stage, reasons in zip(*(t[c].to_pylist() for c in t.column_names)):
             for r in reasons:
                 per_source[source]["dropped"][f"{stage}:{r}"] += 1
     return {s: {**v, "dropped": dict(sorted(v["dropped"].items()))} for s, v in sorted(per_source.items())}

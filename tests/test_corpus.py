@@ -1,14 +1,5 @@
-import json
-from datetime import datetime, timezone
-
-import pyarrow as pa
-import pytest
-
-from corpus.clean import CleanSettings, clean
 from corpus.extract import ExtractSettings, extract_html
 from corpus.normalize import normalize
-from corpus.schema import DOC, DROPPED, EXTRACTED
-from corpus.storage import Storage
 
 STORY = (
     "みどり町の朝は、川霧がゆっくりと晴れていくところから始まります。"
@@ -29,17 +20,6 @@ def test_extract_html_gets_main_text_title_and_lang():
     got = extract_html(html, "http://x.example/a", ExtractSettings())
     assert got["lang"] == "ja" and got["title"] == "町の朝" and "川霧" in got["text"]
     assert extract_html("<html><body><nav><a href='/'>トップ</a></nav></body></html>", "http://x/", ExtractSettings()) is None
-
-
-def _extracted(storage, rows, name="e"):
-    ts = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    full = [
-        {"url": u, "source": "s", "genre": "blog", "fetched_at": ts, "content_sha1": "0", "title": "", "published": "", "lang": "ja", "text": t}
-        for u, t in rows
-    ]
-    storage.write_parquet(f"{name}/extracted.parquet", pa.Table.from_pylist(full, schema=EXTRACTED))
-    storage.write_parquet(f"{name}/dropped.parquet", pa.Table.from_pylist([], schema=DROPPED))
-    return [f"{name}/extracted.parquet"], [f"{name}/dropped.parquet"]
 
 
 def test_publication_dates_in_japanese_forms():
