@@ -73,18 +73,22 @@ def fold(tables: list[pa.Table]) -> pa.Table:
     tables = [t.select(FETCH.names).cast(FETCH) for t in tables if t.num_rows]
     if not tables:
         return FETCH.empty_table()
-    events = pa.concat_tables(tables)  # noqa: F841 - read by DuckDB by name
-    folded = duckdb.sql(
-        """
-        SELECT * REPLACE (
-            min(first_seen) OVER w AS first_seen,
-            max(last_changed) OVER w AS last_changed)
-        FROM events
-        WINDOW w AS (PARTITION BY url)
-        QUALIFY row_number() OVER (PARTITION BY url ORDER BY fetched_at DESC) = 1
-        ORDER BY url
-        """
-    ).to_arrow_table()
+    events = pa.concat_tables(tables)
+    # Its own connection: crawls of several sources fold their state from threads at once,
+    # and DuckDB's default connection refuses a second caller rather than waiting.
+    with duckdb.connect() as con:
+        con.register("events", events)
+        folded = con.sql(
+            """
+            SELECT * REPLACE (
+                min(first_seen) OVER w AS first_seen,
+                max(last_changed) OVER w AS last_changed)
+            FROM events
+            WINDOW w AS (PARTITION BY url)
+            QUALIFY row_number() OVER (PARTITION BY url ORDER BY fetched_at DESC) = 1
+            ORDER BY url
+            """
+        ).to_arrow_table()
     return folded.select(FETCH.names).cast(FETCH)
 
 

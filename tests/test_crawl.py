@@ -307,6 +307,25 @@ def test_sitemap_spider_reads_gzipped_sitemap_indexes_and_skips_by_lastmod(tmp_p
     assert second.stats["skipped"]["sitemap_lastmod"] == 5 and second.partition is None
 
 
+def test_state_folds_from_many_threads_at_once():
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+
+    when = [datetime(2026, 11, d, tzinfo=timezone.utc) for d in (1, 8)]
+    rows = [
+        {"url": f"http://x.example/{i % 500}", "fetched_at": when[i // 500], "first_seen": when[i // 500], "status": 200}
+        for i in range(1000)
+    ]
+    events = pa.Table.from_pylist(rows, schema=state.FETCH)
+    with ThreadPoolExecutor(4) as pool:
+        folded = list(pool.map(lambda _: state.fold([events]), range(16)))
+    assert all(t.num_rows == 500 for t in folded)
+    assert folded[0].column("first_seen").to_pylist()[0] == when[0]
+    assert folded[0].column("fetched_at").to_pylist()[0] == when[1]
+
+
 def test_sources_crawl_at_once_and_sources_sharing_a_domain_take_turns(tmp_path):
     storage = Storage(str(tmp_path / "data"))
     with Site() as one, Site() as two:
