@@ -214,22 +214,33 @@ def robust_map(
             w.stop(kill=True)
 
 
-def pool_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+def pool_map(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    workers: int,
+    initializer: Callable[..., Any] | None = None,
+    initargs: tuple = (),
+) -> Iterator[Any]:
     """``fn`` over ``items`` in ``workers`` processes, results in input order.
 
     A few items per worker are in flight, so memory stays bounded however many
     items come. With one worker, fewer than two items, or in a daemonic process
     (which may not start processes: a Dask worker under a nanny), everything
     runs here. ``fn`` must be importable (module level); the items and results
-    are pickled.
+    are pickled. ``initializer(*initargs)`` runs once per process (here too
+    when everything runs here): the place for state too big to send with
+    every item.
     """
     items = iter(items)
     head = list(itertools.islice(items, 2))
     if len(head) < 2 or workers <= 1 or multiprocessing.current_process().daemon:
+        if initializer is not None:
+            initializer(*initargs)
         yield from map(fn, itertools.chain(head, items))
         return
     # spawn, not fork: the parent may hold threads (DuckDB, Prefect) a forked child would inherit.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
         pending: deque = deque()
         for item in itertools.chain(head, items):
             pending.append(pool.submit(fn, item))

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,6 +35,22 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 MARKER = "_SUCCESS.json"
+
+log = logging.getLogger(__name__)
+
+
+def retrying(fn: Callable[[], Any], attempts: int, what: str, first_wait_s: float = 0.5) -> Any:
+    """``fn()``, tried up to ``attempts`` times with doubling waits: for writes to object stores,
+    where a dropped connection or a 503 is worth another try. The last failure is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - object stores raise many kinds; the last one is re-raised
+            if attempt == attempts:
+                raise
+            wait = first_wait_s * 2 ** (attempt - 1)
+            log.warning("%s failed (attempt %d of %d: %s); retrying in %.1f s", what, attempt, attempts, e, wait)
+            time.sleep(wait)
 
 
 class Storage:

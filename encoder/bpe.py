@@ -67,6 +67,12 @@ class EncoderSettings(Settings):
         description="reserve <URL> <EMAIL> <TEL> <DATE> <PRICE> as single tokens; "
         "the encoder stage also does when clean.content_tags is on",
     )
+    tokenizer: str | None = Field(
+        default=None,
+        pattern=r"^tok-[0-9a-f]+$",
+        description="use this stored tokenizer instead of training one on the corpus; "
+        "pinned, a grown corpus encodes only its new links",
+    )
 
 
 class Encoder:

@@ -23,7 +23,7 @@ from corpus.steps import StepResult, run_step
 from corpus.storage import Storage
 from crawlers.crawl import CrawlResult, crawl_sources, partition_files, raw_partitions
 from encoder import bpe
-from encoder.shards import build_shards
+from encoder.shards import assemble, encode_part
 from flows.config import Config
 from model import checkpoint, registry
 from model.generate import generate_text
@@ -34,11 +34,11 @@ log = logging.getLogger(__name__)
 STAGES = ["crawl", "extract", "clean", "dedup", "encoder", "shards", "train", "register", "generate"]
 
 # Settings that change how fast a step runs, never what it writes: kept out of step keys.
-RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs", "batch_pages"}
+RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs", "batch_pages", "write_retries"}
 
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
-VERSIONS = {"extract": 3, "clean": 1, "dedup": 2, "encoder": 1, "shards": 2, "train": 1, "reports": 1,
+VERSIONS = {"extract": 3, "clean": 1, "dedup": 2, "encoder": 1, "shards": 3, "train": 1, "reports": 1,
             "encoder_eval": 1}
 
 
@@ -246,7 +246,14 @@ def encoder_settings(cfg: Config) -> bpe.EncoderSettings:
 
 
 def encoder_step(storage: Storage, cfg: Config, corpus: list[StepResult]) -> StepResult:
+    """A tokenizer trained on the corpus, or the stored one ``encoder.tokenizer`` names (pinned)."""
     settings = encoder_settings(cfg)
+    if settings.tokenizer:
+        pinned = f"tokenizers/{settings.tokenizer}"
+        if not storage.is_published(pinned):
+            raise ValueError(f"encoder.tokenizer names {settings.tokenizer}, but {storage.url(pinned)} holds no finished tokenizer")
+        log.info("encoder: using the pinned tokenizer %s", settings.tokenizer)
+        return StepResult("tokenizers", settings.tokenizer, pinned, storage.marker(pinned).get("stats", {}), cached=True)
 
     def run(out: str) -> dict:
         tokenizer_id = out.rsplit("/", 1)[1]
@@ -259,7 +266,7 @@ def encoder_step(storage: Storage, cfg: Config, corpus: list[StepResult]) -> Ste
 
     return run_step(
         storage, "tokenizers", VERSIONS["encoder"], {"corpus": corpus[-1].id},
-        {**settings.model_dump(), "mixture": cfg.mixture.key()}, run,
+        {**settings.model_dump(exclude={"tokenizer"}), "mixture": cfg.mixture.key()}, run,
         key_prefix="tok-",
     )
 
@@ -297,7 +304,7 @@ def encoder_eval_step(
     step = run_step(
         storage, "evals/encoder", VERSIONS["encoder_eval"],
         {"corpus": current.dedup[-1], "tokenizer": f"tokenizers/{tokenizer_id}" if tokenizer_id else None},
-        {**settings.model_dump(), "mixture": cfg.mixture.key(), "val_fraction": cfg.shards.val_fraction,
+        {**settings.model_dump(exclude={"tokenizer"}), "mixture": cfg.mixture.key(), "val_fraction": cfg.shards.val_fraction,
          "train_chars": train_chars, "eval_chars": eval_chars},
         run, key_prefix="ev-", force=force,
     )
@@ -310,15 +317,34 @@ def load_encoder(storage: Storage, tokenizer_id: str) -> bpe.Encoder:
 
 
 def shards_step(storage: Storage, cfg: Config, tokenizer: StepResult, corpus: list[StepResult]) -> StepResult:
+    """The shard set of the corpus: one part step per dedup link (a grown corpus encodes only its
+    new links), then the set's manifest over them."""
+    encoder = load_encoder(storage, tokenizer.key)
+    settings = {**cfg.shards.model_dump(exclude=RUNTIME_ONLY), "mixture": cfg.mixture.key()}
+    parts = []
+    for i, link in enumerate(corpus):
+        part = run_step(
+            storage, "shards", VERSIONS["shards"], {"tokenizer": tokenizer.id, "link": link.id, "first": i == 0}, settings,
+            lambda out, link=link, i=i: _part_stats(
+                encode_part(storage, f"{link.path}/docs.parquet", encoder, cfg.shards, out, cfg.mixture, never_empty_val=i == 0)
+            ),
+            key_prefix="part-",
+        )
+        parts.append(part)
+
     def run(out: str) -> dict:
-        encoder = load_encoder(storage, tokenizer.key)
-        manifest = build_shards(storage, corpus_docs(corpus), encoder, cfg.shards, out, corpus[-1].id, cfg.mixture)
-        return {s: {k: v for k, v in m.items() if k not in ("shards", "composition")} for s, m in manifest["splits"].items()}
+        manifest = assemble(storage, [p.path for p in parts], out, corpus[-1].id, cfg.shards, cfg.mixture)
+        encoded = sum(not p.cached for p in parts)
+        log.info("shards: %d of %d parts encoded now, %d reused", encoded, len(parts), len(parts) - encoded)
+        return _part_stats(manifest)
 
     return run_step(
-        storage, "shards", VERSIONS["shards"], {"tokenizer": tokenizer.id, "corpus": corpus[-1].id},
-        {**cfg.shards.model_dump(exclude=RUNTIME_ONLY), "mixture": cfg.mixture.key()}, run,
+        storage, "shards", VERSIONS["shards"], {"tokenizer": tokenizer.id, "parts": [p.id for p in parts]}, settings, run,
     )
+
+
+def _part_stats(manifest: dict) -> dict:
+    return {s: {k: v for k, v in m.items() if k not in ("shards", "composition")} for s, m in manifest["splits"].items()}
 
 
 def report_step(storage: Storage, cfg: Config, corpus: list[StepResult], shards: StepResult | None = None) -> StepResult:

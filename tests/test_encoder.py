@@ -1,20 +1,9 @@
-import io
-import os
-import subprocess
-import sys
-import time
-
-import numpy as np
-import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corpus.normalize import normalize
-from corpus.schema import DOC
-from corpus.storage import Storage
 from encoder.bpe import EOT, PAD, RESERVED_TAGS, Encoder, EncoderSettings, train
-from encoder.shards import ShardSettings, build_shards, load_split
 from flows import stages
 from flows.config import parse_config
 
@@ -151,65 +140,3 @@ def test_digits_are_split_and_japanese_merges(encoder):
     pieces = [encoder.decode([i]) for i in encoder.encode("2026年")]
     assert pieces[:4] == ["2", "0", "2", "6"]
     assert len(encoder.encode("今日はとても良い天気ですね")) < len("今日はとても良い天気ですね")
-
-
-def test_shards_manifest_and_split(tmp_path, encoder):
-    storage = Storage(str(tmp_path))
-    docs = [
-        {"doc_id": f"0{i:031x}" if i % 3 == 0 else f"f{i:031x}", "url": f"u{i}", "source": "s", "genre": "blog",
-         "fetched_at": None, "title": "", "text": TEXTS[i % 4], "n_chars": 1, "hiragana_ratio": 0.0,
-         "japanese_ratio": 0.0, "katakana_ratio": 0.0, "dup_cluster": None}
-        for i in range(12)
-    ]
-    # The corpus is one docs.parquet per dedup link; shards read them in order, a batch at a time.
-    storage.write_parquet("c1/docs.parquet", pa.Table.from_pylist(docs[:5], schema=DOC))
-    storage.write_parquet("c2/docs.parquet", pa.Table.from_pylist(docs[5:], schema=DOC))
-    settings = ShardSettings(shard_tokens=100, val_fraction=0.2, batch_docs=2)
-    manifest = build_shards(storage, ["c1/docs.parquet", "c2/docs.parquet"], encoder, settings, "sh", "corpus/x")
-    train_split = manifest["splits"]["train"]
-    assert manifest["tokenizer_id"] == "tok-test" and manifest["dtype"] == "uint16"
-    assert all(s["tokens"] == 100 for s in train_split["shards"][:-1])
-    assert train_split["documents"] + manifest["splits"]["val"]["documents"] == 12
-    tokens = load_split(storage, "sh", "train")
-    assert len(tokens) == train_split["tokens"] and (tokens == encoder.eot_id).sum() == train_split["documents"]
-    storage.write_bytes("sh/" + train_split["shards"][0]["path"], _npy(np.zeros(100, np.uint16)))
-    with pytest.raises(ValueError, match="sha256"):
-        load_split(storage, "sh", "train")
-
-
-SHARD_SCRIPT = """
-import sys
-from corpus.storage import Storage
-from encoder.bpe import Encoder
-from encoder.shards import ShardSettings, build_shards
-root, tokenizer = sys.argv[1], sys.argv[2]
-encoder = Encoder.from_json(open(tokenizer, encoding="utf-8").read(), "tok-test")
-build_shards(Storage(root), ["c1/docs.parquet"], encoder, ShardSettings(shard_tokens=64, batch_docs=1), "sh", "corpus/x")
-"""
-
-
-def test_a_crash_while_sharding_leaves_no_manifest(tmp_path, encoder):
-    storage = Storage(str(tmp_path))
-    docs = [
-        {"doc_id": f"f{i:031x}", "url": f"u{i}", "source": "s", "genre": "blog", "fetched_at": None, "title": "",
-         "text": TEXTS[i % 4] * 50, "n_chars": 1, "hiragana_ratio": 0.0, "japanese_ratio": 0.0,
-         "katakana_ratio": 0.0, "dup_cluster": None}
-        for i in range(20000)
-    ]
-    storage.write_parquet("c1/docs.parquet", pa.Table.from_pylist(docs, schema=DOC))
-    (tmp_path / "tok.json").write_text(encoder.to_json(), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-c", SHARD_SCRIPT, str(tmp_path), str(tmp_path / "tok.json")],
-                            cwd=os.path.dirname(os.path.dirname(__file__)))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(storage.glob("sh/train/*.npy")) < 3:
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    assert len(storage.glob("sh/train/*.npy")) >= 3  # killed with shards written...
-    assert not storage.exists("sh/manifest.json")  # ...and nothing points at them
-
-
-def _npy(a):
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
