@@ -117,13 +117,14 @@ class Encoder:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    # encode_batch_fast: the same ids without character offsets, nearly twice as fast.
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         self.tokenizer.encode_special_tokens = not allow_special
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         self.tokenizer.encode_special_tokens = True
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
