@@ -1,5 +1,10 @@
+import unicodedata
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from corpus.extract import ExtractSettings, extract_html
-from corpus.normalize import normalize
+from corpus.normalize import normalize, unicode_normal_form
 
 STORY = (
     "みどり町の朝は、川霧がゆっくりと晴れていくところから始まります。"
@@ -32,3 +37,19 @@ def test_publication_dates_in_japanese_forms():
     assert japanese_date("<body>2024年13月40日、日付なし</body>") is None
     html = f"<html lang='ja'><body><article><p>2025年11月3日</p><p>{STORY}</p></article></body></html>"
     assert extract_html(html, "http://x.example/a", ExtractSettings())["published"] == "2025-11-03"
+
+
+_NORMALIZATION_TEXT = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(list("。\n、ａＡ１！（）ｶﾞﾊﾟ゛゜か\u3099\u309aは\u0301e\u0300\u0327가\u1100\u1161\u11a8①㈱㍻ﬁ\u00a0\u3000")),
+        st.characters(blacklist_categories=("Cs",)),
+    ),
+    max_size=60,
+)
+
+
+@given(_NORMALIZATION_TEXT)
+@settings(max_examples=600, deadline=None)
+def test_sentence_wise_normal_forms_equal_unicodedata(text):
+    for form in ("NFKC", "NFC"):
+        assert unicode_normal_form(text, form) == unicodedata.normalize(form, text)
