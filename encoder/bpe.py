@@ -1,12 +1,19 @@
-"""A lossless byte-level BPE encoder for Japanese, built on the HF ``tokenizers`` library.
+"""A lossless character-level BPE encoder for Japanese, built on the HF ``tokenizers`` library.
 
-* Every byte is a base token, so no input is ever unknown (byte fallback by
-  construction) and ``decode(encode(s)) == s`` for every valid string.
+* Base tokens are characters, as in SentencePiece: a kanji seen in training is
+  one token from the start, so the merges go to words. (A byte-level BPE
+  spends two merges on every kanji before it can merge words; on Japanese it
+  compresses measurably worse at the same vocabulary size.)
+* Byte fallback: the 256 tokens ``<0x00>`` .. ``<0xFF>`` spell, as UTF-8
+  bytes, any character not in the vocabulary, so no input is ever unknown and
+  ``decode(encode(s)) == s`` for every valid string.
 * No normalizer: normalization belongs to the corpus stage.
-* Pre-tokenization does not look for spaces. It cuts text into runs that BPE
-  may merge within, never across: kanji+hiragana runs (so okurigana such as
-  食べる can become one token), katakana runs, Latin words, single digits,
-  runs of spaces/tabs, U+3000 runs, newline runs, and punctuation runs.
+* Pre-tokenization does not look for spaces. It cuts text into pieces that BPE
+  may merge within, never across: a run of Japanese script (kanji, hiragana
+  and katakana together, with 々〆ゝゞー・), followed by any sentence
+  punctuation and closing brackets (so ``ます。`` and ``した」`` can become
+  tokens); Latin words; single digits; runs of spaces/tabs; U+3000 runs;
+  newline runs; other punctuation runs.
 * ``<|endoftext|>`` and ``<|pad|>`` are special tokens; text a user types that
   looks like them is encoded as plain text unless ``allow_special=True``.
 * With ``reserved_tags``, the corpus stage's content tags (``<URL>`` ``<EMAIL>``
@@ -16,13 +23,13 @@
   as a replaced URL and the encoder stays lossless.
 * Ids: the added tokens come first, in a fixed order (``<|endoftext|>`` 0,
   ``<|pad|>`` 1, then the reserved tags 2-6 when enabled), then the 256 byte
-  tokens, then the merges in the order learned. A new special token is added
-  to the end of :data:`SPECIAL_TOKENS` (before the tags); it shifts the later
-  ids, which is safe because shards and checkpoints name their tokenizer id,
-  and such a change bumps the encoder's step version.
-* BPE-dropout (:meth:`Encoder.with_dropout`) is for training-time augmentation
-  only; a stored ``tokenizer.json`` and every encoder loaded from one are
-  deterministic (dropout 0), which the shards and the eval rely on.
+  tokens, then the characters and merges in the order learned. A new special
+  token is added to the end of :data:`SPECIAL_TOKENS` (before the tags); it
+  shifts the later ids, which is safe because shards and checkpoints name
+  their tokenizer id, and such a change bumps the encoder's step version.
+* BPE-dropout (:meth:`Encoder.dropout`) re-segments an encoding with seeded
+  random un-merges, for training-time augmentation (the shards' train split,
+  ``shards.dropout``); :meth:`Encoder.encode` is always deterministic.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
+from functools import cached_property
 from itertools import islice
 
+import numpy as np
 from pydantic import Field
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -45,10 +54,12 @@ SPECIAL_TOKENS = [EOT, PAD]
 RESERVED_TAGS = [tag for tag, _ in CONTENT_TAGS]
 _TAG_SPLIT = re.compile("|".join(re.escape(t) for t in RESERVED_TAGS))
 
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
 PRETOKENIZE_PATTERN = (
     r"\p{N}"
-    r"|[\p{Han}\p{Hiragana}々〆ゝゞー]+"
-    r"|[\p{Katakana}ー・]+"
+    r"|[\p{Han}\p{Hiragana}\p{Katakana}々〆ゝゞー・]+[、。！？!?…‥」』）)]*"
     r"|[A-Za-z]+"
     r"|\r\n|\n+"
     r"|[ \t]+"
@@ -86,24 +97,40 @@ class Encoder:
 
     @classmethod
     def from_json(cls, text: str, tokenizer_id: str = "") -> Encoder:
-        """Load a stored tokenizer; always deterministic (BPE-dropout off), whatever the file says."""
-        tok = Tokenizer.from_str(text)
-        tok.model.dropout = None
-        return cls(tok, tokenizer_id)
+        return cls(Tokenizer.from_str(text), tokenizer_id)
 
-    def with_dropout(self, dropout: float) -> Encoder:
-        """A copy that encodes with BPE-dropout ``dropout`` (each merge skipped with that probability).
+    @cached_property
+    def _merged_from(self) -> dict[int, tuple[int, int]]:
+        """For each token a merge made, the two tokens it joined."""
+        model = json.loads(self.tokenizer.to_str())["model"]
+        vocab = model["vocab"]
+        pairs = (m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"])
+        return {vocab[a + b]: (vocab[a], vocab[b]) for a, b in pairs}
 
-        For training-time augmentation: the same vocabulary and ids, but a word
-        may be split into smaller pieces, differently on every call (not
-        seedable: the tokenizers library draws from its own thread RNG).
-        Decoding is unchanged and still lossless. This encoder stays deterministic.
+    def dropout(self, ids: list[int], p: float, rng: np.random.Generator) -> list[int]:
+        """BPE-dropout on an encoding, for training-time augmentation: each merged token is
+        undone, with probability ``p``, into the two tokens its merge joined, and so on down
+        (a single character is never split). The same vocabulary, and still lossless: the
+        pieces decode to the same text. Seeded by ``rng``, so it is reproducible.
+
+        (The tokenizers library's own ``dropout`` puts a skipped merge back in the queue,
+        so on a character-level vocabulary it almost never changes the result.)
         """
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        tok = Tokenizer.from_str(self.tokenizer.to_str())
-        tok.model.dropout = dropout or None
-        return Encoder(tok, self.tokenizer_id)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        if p == 0.0:
+            return list(ids)
+        merged_from = self._merged_from
+        out: list[int] = []
+        stack = list(reversed(ids))
+        while stack:
+            token = stack.pop()
+            pair = merged_from.get(token)
+            if pair is not None and rng.random() < p:
+                stack += (pair[1], pair[0])
+            else:
+                out.append(token)
+        return out
 
     @property
     def reserved_tags(self) -> list[str]:
@@ -131,15 +158,14 @@ class Encoder:
 
 
 def build_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     return tok
+
+
+def is_byte_token(token: str) -> bool:
+    return bool(_BYTE_TOKEN.fullmatch(token))
 
 
 def sample_texts(texts: Iterable[str], sample_chars: int) -> Iterator[str]:
@@ -166,24 +192,28 @@ def train(texts: Iterable[str], settings: EncoderSettings, tokenizer_id: str = "
                 yield t
 
     tok = build_tokenizer()
+    room = settings.vocab_size - len(BYTE_TOKENS)  # the byte tokens are added after training
     trainer = trainers.BpeTrainer(
-        vocab_size=settings.vocab_size,
+        vocab_size=room,
         min_frequency=settings.min_frequency,
         special_tokens=added,  # ids 0.. in this order, counted in vocab_size
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # At most 3/4 of the ids go to single characters, so some are left for merges;
+        # the rarest characters beyond that are spelled by byte fallback.
+        limit_alphabet=max(1, (room - len(added)) * 3 // 4),
         max_token_length=settings.max_token_length,
         show_progress=False,
     )
     tok.train_from_iterator(sample(), trainer=trainer)
-    if settings.reserved_tags:
+    data = json.loads(tok.to_str())
+    learned = sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1])
+    order = added + BYTE_TOKENS + [t for t, _ in learned if t not in added and t not in BYTE_TOKENS]
+    data["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    for entry in data["added_tokens"]:
+        entry["id"] = data["model"]["vocab"][entry["content"]]
         # The trainer registers every added token as special; the tags are not
         # (always matched, even when special tokens are encoded as text).
-        data = json.loads(tok.to_str())
-        for entry in data["added_tokens"]:
-            if entry["content"] in RESERVED_TAGS:
-                entry["special"] = False
-        tok = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
-    return Encoder(tok, tokenizer_id)
+        entry["special"] = entry["content"] not in RESERVED_TAGS
+    return Encoder(Tokenizer.from_str(json.dumps(data, ensure_ascii=False)), tokenizer_id)
 
 
 def stats(encoder: Encoder, texts: Iterable[str], batch: int = 1024) -> dict:

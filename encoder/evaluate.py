@@ -112,44 +112,16 @@ class Evaluated:
         raise NotImplementedError
 
 
-def _byte_decoder() -> dict[str, int]:
-    """The GPT-2 byte-level alphabet (what ``pre_tokenizers.ByteLevel`` uses), character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def _whole_characters(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
 class JagptTokenizer(Evaluated):
     def __init__(self, encoder: bpe.Encoder, name: str = "jagpt"):
         self.name, self.encoder = name, encoder
         self.tokenizer = encoder.tokenizer
         self.tokenizer.encode_special_tokens = True  # text is text
         self.vocab_size = encoder.vocab_size
-        added = {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()}
-        to_byte = _byte_decoder()
-        self.fallback = np.zeros(self.vocab_size, dtype=bool)
-        for i in range(self.vocab_size):
-            if i in added:
-                continue
-            token = self.tokenizer.id_to_token(i)
-            self.fallback[i] = not _whole_characters(bytes(to_byte[c] for c in token))
+        self.fallback = np.array([bpe.is_byte_token(self.tokenizer.id_to_token(i)) for i in range(self.vocab_size)])
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.encoder.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.encoder.decode(ids)

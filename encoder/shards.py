@@ -31,9 +31,10 @@ How a part is made:
    retried on failure; ``part.json`` and the set's ``manifest.json`` are
    written last, so a half-written set is never read as whole.
 
-With ``dropout`` > 0 the train split is encoded with BPE-dropout (training-time
-augmentation; the tokenizers library does not seed it, so such shards are not
-byte-reproducible). Val is always encoded plainly.
+With ``dropout`` > 0 the train split is encoded with BPE-dropout
+(:meth:`encoder.bpe.Encoder.dropout`, training-time augmentation), seeded by
+``shuffle_seed`` and the doc id, so such shards are reproducible too; the
+copies of a weighted document share one segmentation. Val is always encoded plainly.
 
 :class:`ShardReader` reads any range of a split by global token offset (the
 trainer's loader needs it for exact resume) and checks shards against their
@@ -89,26 +90,24 @@ def shuffle_key(seed: int, doc_id: str, copy: int) -> int:
 
 # -- encoding, in worker processes --------------------------------------------
 
-_encoders: dict[str, Encoder] = {}
+_worker: dict = {}
 
 
-def _init_encoders(tokenizer_json: str, dropout: float) -> None:
+def _init_encoder(tokenizer_json: str, dropout: float, seed: int) -> None:
     # One core per process: the tokenizers library would otherwise start a thread per core in each.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    plain = Encoder.from_json(tokenizer_json)
-    _encoders["val"] = plain
-    _encoders["train"] = plain.with_dropout(dropout) if dropout else plain
+    _worker.update(encoder=Encoder.from_json(tokenizer_json), dropout=dropout, seed=seed)
 
 
-def _encode(batch: tuple[list[str], list[str]]) -> list[np.ndarray]:
-    """Ids of each text, with the encoder of its split."""
-    texts, splits = batch
-    out: list[np.ndarray] = [np.empty(0, np.uint32)] * len(texts)
-    for split in SPLITS:
-        idx = [i for i, s in enumerate(splits) if s == split]
-        if idx:
-            for i, ids in zip(idx, _encoders[split].encode_batch([texts[i] for i in idx])):
-                out[i] = np.asarray(ids, dtype=np.uint32)
+def _encode(batch: tuple[list[str], list[str], list[str]]) -> list[np.ndarray]:
+    """Ids of each text; train documents with BPE-dropout (when on), seeded by their doc id."""
+    texts, splits, doc_ids = batch
+    encoder, dropout = _worker["encoder"], _worker["dropout"]
+    out = []
+    for ids, split, doc_id in zip(encoder.encode_batch(texts), splits, doc_ids):
+        if dropout and split == "train":
+            ids = encoder.dropout(ids, dropout, np.random.default_rng([_worker["seed"], int(doc_id[:16], 16)]))
+        out.append(np.asarray(ids, dtype=np.uint32))
     return out
 
 
@@ -177,7 +176,7 @@ def encode_part(
     lengths: list[int] = []
     columns = ["doc_id", "genre", "source", "text"]
 
-    def batches() -> Iterator[tuple[list[str], list[str]]]:
+    def batches() -> Iterator[tuple[list[str], list[str], list[str]]]:
         for b in storage.iter_parquet([docs_file], columns=columns, batch_size=settings.batch_docs):
             ids, genres, sources, texts = (b.column(c).to_pylist() for c in columns)
             split = ["val" if d == forced_val or is_val(d, settings.val_fraction) else "train" for d in ids]
@@ -186,14 +185,14 @@ def encode_part(
             splits.extend(split)
             copies.extend(1 if sp == "val" else mixture.copies(d, g, s) for d, g, s, sp in zip(ids, genres, sources, split))
             chars.extend(len(t) for t in texts)
-            yield texts, split
+            yield texts, split, ids
 
     workers = settings.workers or os.cpu_count() or 1
     eot = np.array([encoder.eot_id], dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="jagpt-shards-") as tmp:
         scratch = os.path.join(tmp, "tokens.bin")
         with open(scratch, "wb") as f:
-            for arrays in pool_map(_encode, batches(), workers, _init_encoders, (encoder.to_json(), settings.dropout)):
+            for arrays in pool_map(_encode, batches(), workers, _init_encoder, (encoder.to_json(), settings.dropout, settings.shuffle_seed)):
                 for a in arrays:
                     f.write(a.astype(dtype).tobytes())
                     f.write(eot.tobytes())

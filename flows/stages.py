@@ -38,7 +38,7 @@ RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs", "batc
 
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
-VERSIONS = {"extract": 3, "clean": 1, "dedup": 2, "encoder": 1, "shards": 3, "train": 1, "reports": 1,
+VERSIONS = {"extract": 3, "clean": 1, "dedup": 2, "encoder": 2, "shards": 3, "train": 1, "reports": 1,
             "encoder_eval": 1}
 
 
@@ -194,6 +194,21 @@ def dedup_chain(storage: Storage, cfg: Config, cleaned: list[StepResult], force:
     return links
 
 
+def current_corpus(storage: Storage) -> list[StepResult]:
+    """The dedup links of the corpus last built (``corpus/current.json``), as the finished steps they are."""
+    from corpus.explain import Corpus
+
+    links = []
+    for path in Corpus.current(storage).dedup:
+        if not storage.is_published(path):
+            raise LookupError(f"corpus/current.json names {storage.url(path)}, which is not a finished dedup link")
+        stage, key = path.rsplit("/", 1)
+        links.append(StepResult(stage, key, path, storage.marker(path).get("stats", {}), cached=True))
+    if not links:
+        raise LookupError(f"the corpus under {storage.url('corpus')} has no dedup link")
+    return links
+
+
 def corpus_docs(corpus: list[StepResult]) -> list[str]:
     """The docs.parquet files that make up the corpus (one per dedup link)."""
     return [f"{link.path}/docs.parquet" for link in corpus]
@@ -304,7 +319,8 @@ def encoder_eval_step(
     step = run_step(
         storage, "evals/encoder", VERSIONS["encoder_eval"],
         {"corpus": current.dedup[-1], "tokenizer": f"tokenizers/{tokenizer_id}" if tokenizer_id else None},
-        {**settings.model_dump(exclude={"tokenizer"}), "mixture": cfg.mixture.key(), "val_fraction": cfg.shards.val_fraction,
+        {**settings.model_dump(exclude={"tokenizer"}), "encoder_version": VERSIONS["encoder"],
+         "mixture": cfg.mixture.key(), "val_fraction": cfg.shards.val_fraction,
          "train_chars": train_chars, "eval_chars": eval_chars},
         run, key_prefix="ev-", force=force,
     )
@@ -396,18 +412,28 @@ def train_step(storage: Storage, cfg: Config, shards: StepResult, progress=None)
     )
 
 
-def register_step(storage: Storage, run: StepResult, shards: StepResult) -> tuple[dict, bool]:
+def register_step(storage: Storage, run: StepResult, shards: StepResult, parent: str | None = None) -> tuple[dict, bool]:
+    """Register the run's last checkpoint (see :mod:`model.registry`); a no-op if it is registered already."""
     s = run.stats
+    val = storage.read_json(f"{shards.path}/manifest.json")["splits"].get("val", {})
+    bpc = s.get("bits_per_char")
+    if bpc is None:  # nats per token -> bits per character, with the val split's tokens and characters
+        bpc = registry.bits_per_char(s["final_val_loss"], val.get("tokens"), val.get("chars"))
+    preset = s.get("preset")
+    if preset is None and storage.exists(f"{run.path}/model.json"):
+        preset = storage.read_json(f"{run.path}/model.json").get("train", {}).get("preset")
     return registry.register(
         storage,
         {
             "run_id": run.key,
-            "parent": None,
+            "parent": parent,
             "step": s["steps"],
             "tokens_seen": s["tokens_seen"],
             "val_loss": s["final_val_loss"],
+            "bits_per_char": bpc,
             "first_val_loss": s["first_val_loss"],
-            "preset": s["model"],
+            "preset": preset,
+            "model": s["model"],
             "tokenizer_id": s["tokenizer_id"],
             "shards": shards.id,
             "run_dir": run.path,

@@ -152,6 +152,8 @@ def test_bpe_dropout_changes_the_train_split_only(tmp_path, encoder):
     assert [s["sha256"] for s in dropped["splits"]["val"]["shards"]] == [s["sha256"] for s in plain["splits"]["val"]["shards"]]
     texts = sorted(encoder.decode(d) for d in documents(load_split(storage, "dropout", "train"), encoder.eot_id))
     assert texts == sorted(encoder.decode(d) for d in documents(load_split(storage, "plain", "train"), encoder.eot_id))
+    again = build_shards(storage, files, encoder, SETTINGS.model_copy(update={"dropout": 0.3, "workers": 2}), "again", "c")
+    assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == [s["sha256"] for s in dropped["splits"]["train"]["shards"]]
 
 
 def test_a_grown_corpus_encodes_only_its_new_links(tmp_path, encoder, caplog):
