@@ -31,10 +31,10 @@ def own_prefect():
         yield
 
 
-def build(tmp_path, name: str, runner: dict, extract: dict) -> tuple:
+def build(tmp_path, name: str, runner: dict, extract: dict, storage: dict | None = None) -> tuple:
     root = tmp_path / name
     data = {
-        "storage": {"root": str(root / "data")},
+        "storage": storage or {"root": str(root / "data")},
         "sources": [{"name": s, "genre": "blog", "start_urls": [f"http://{s}.example/"]} for s in ("a", "b")],
         "extract": extract,
         "clean": {"min_chars": 300},
@@ -83,6 +83,18 @@ def test_corpus_on_a_local_dask_cluster_equals_the_in_process_corpus(tmp_path, o
         assert dask.read_bytes(rel) == local.read_bytes(rel), rel
     docs = local.read_parquet([f"{d}/docs.parquet" for d in current["dedup"]])
     assert docs.num_rows > 0
+
+
+def test_dask_workers_build_the_same_corpus_on_gcs(tmp_path, own_prefect, gcs_root):
+    root, options = gcs_root
+    local, _ = build(tmp_path, "in-process", {}, {})
+    gcs, summary = build(tmp_path, "dask-gcs", {"dask_local_workers": 2}, {"pool_min_pages": 1, "workers": 1},
+                         {"root": root, "options": options})
+    assert gcs.url("x").startswith("gs://") and not any(row["status"].startswith("cached") for row in summary["stages"])
+    current = local.read_json(CURRENT)
+    assert gcs.read_json(CURRENT) == current
+    for d in current["dedup"]:
+        assert gcs.read_bytes(f"{d}/docs.parquet") == local.read_bytes(f"{d}/docs.parquet"), d
 
 
 def test_a_failing_partition_fails_the_run_with_its_error(tmp_path, own_prefect, monkeypatch):
