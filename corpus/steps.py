@@ -55,11 +55,14 @@ def run_step(
     fn: Callable[[str], dict[str, Any]],
     key_prefix: str = "",
     force: bool = False,
+    resumable: bool = False,
 ) -> StepResult:
     """Run ``fn(out_path)`` unless an identical step already finished.
 
     ``fn`` writes its files under ``out_path`` and returns JSON-able stats.
     With ``force``, a finished step is unpublished, removed and run again.
+    ``resumable``: what an unfinished attempt left is kept for ``fn`` to resume
+    from (training's checkpoints) instead of being cleared.
     """
     key = key_prefix + content_key(stage, version, inputs, settings)
     out = f"{stage}/{key}"
@@ -71,7 +74,10 @@ def run_step(
         marker = storage.marker(out)
         log.info("%s: inputs and settings unchanged, reusing %s", stage, storage.url(out))
         return StepResult(stage, key, out, marker.get("stats", {}), cached=True)
-    storage.remove(out)  # leftovers of a crashed attempt are never trusted
+    if resumable and not force and storage.exists(out):
+        log.info("%s: resuming the unfinished attempt in %s", stage, storage.url(out))
+    else:
+        storage.remove(out)  # leftovers of a crashed attempt are never trusted
     start = time.monotonic()
     stats = fn(out)
     seconds = round(time.monotonic() - start, 3)

@@ -192,6 +192,42 @@ def cmd_encoder(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from corpus.steps import StepResult
+    from flows import stages
+    from model.checkpoint import install_sigterm_handler
+    from model.train import Preempted, TrainSettings
+
+    cfg = load_config(args.config)
+    overrides = {k: v for k, v in (("steps", args.steps), ("preset", args.preset)) if v is not None}
+    if overrides:
+        cfg = cfg.model_copy(update={"train": TrainSettings(**{**cfg.train.model_dump(), **overrides})})
+    storage = cfg.storage_root()
+    _show_progress()
+    logging.getLogger("model").setLevel(logging.INFO)
+    if args.shards:
+        if not storage.is_published(args.shards):
+            print(f"jagpt train: {storage.url(args.shards)} is not a finished shard set", file=sys.stderr)
+            return 1
+        stage, key = args.shards.rstrip("/").rsplit("/", 1)
+        shards = StepResult(stage, key, f"{stage}/{key}", storage.marker(args.shards).get("stats", {}), cached=True)
+    else:
+        corpus = stages.current_corpus(storage)
+        shards = stages.shards_step(storage, cfg, stages.encoder_step(storage, cfg, corpus), corpus)
+    # The handler must be installed here, in the main thread: a SIGTERM then saves a checkpoint and stops.
+    with install_sigterm_handler() as stop:
+        try:
+            run = stages.train_step(storage, cfg, shards, stop=stop)
+        except Preempted as e:
+            print(f"jagpt train: {e}", file=sys.stderr)
+            return 75  # EX_TEMPFAIL: run the same command again to resume
+    record, created = stages.register_step(storage, run, shards)
+    print(json.dumps({k: v for k, v in run.stats.items() if k != "model"}, ensure_ascii=False, indent=2))
+    print(f"{'registered' if created else 'already registered'}: {record['run_id']}-{record['step']} "
+          f"({storage.url(run.path)})")
+    return 0
+
+
 def cmd_import(args) -> int:
     from crawlers import bulk
 
@@ -221,40 +257,296 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _read_prompt(args, default: str | None = None) -> str | None:
+    """``--prompt TEXT``, or ``--prompt-file FILE`` (``-``: standard input; one trailing newline dropped)."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ValueError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is None:
+        return args.prompt if args.prompt is not None else default
+    if args.prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read the prompt file: {e}") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def _positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def cmd_generate(args) -> int:
     from flows import stages
+    from model.decode import Decoder, Sampling
+    from model.generate import generate_text
 
     cfg = load_config(args.config)
-    prompt = args.prompt if args.prompt is not None else cfg.generate.prompt
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
+    try:
+        prompt = _read_prompt(args, cfg.generate.prompt)
+        _positive(args, "max_new_tokens", "num_samples")
+        g = cfg.generate.model_copy(update={k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("top_k", args.top_k),
+                                    ("temperature", args.temperature), ("seed", args.seed)) if v is not None})
+        sampling = Sampling(temperature=g.temperature, top_k=g.top_k, top_p=args.top_p, min_new_tokens=args.min_new_tokens)
+    except ValueError as e:
+        print(f"jagpt generate: {e}", file=sys.stderr)
+        return 2
+    record, encoder, model = stages.load_checkpoint(cfg.storage_root(), args.checkpoint)
+    print(f"checkpoint {record['run_id']}-{record['step']}", file=sys.stderr)
+    decoder = Decoder(model)
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    stages.generate(
-        cfg.storage_root(), cfg, prompt, ref=args.checkpoint, on_text=stream,
-        max_new_tokens=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature, seed=args.seed,
-    )
-    sys.stdout.write("\n")
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            sys.stdout.write(f"{'' if i == 0 else chr(10)}=== sample {i + 1} of {args.num_samples} ===\n")
+        stream(prompt)
+        generate_text(decoder, encoder, prompt, g.max_new_tokens, sampling.top_k, sampling.temperature, g.seed,
+                      on_text=stream, top_p=sampling.top_p, min_new_tokens=sampling.min_new_tokens, sample=i)
+        sys.stdout.write("\n")
+    sys.stdout.flush()
     return 0
 
 
+def _lines(paths: list[str] | None, block: int = 1024):
+    """Blocks of (line number, text) from the files (``-`` or none: standard input), without line ends."""
+    sources = paths or ["-"]
+    number, lines = 0, []
+    for path in sources:
+        f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+        try:
+            for line in f:
+                number += 1
+                lines.append((number, line.rstrip("\n").rstrip("\r")))
+                if len(lines) == block:
+                    yield lines
+                    lines = []
+        finally:
+            if f is not sys.stdin:
+                f.close()
+    if lines:
+        yield lines
+
+
+def _tsv(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _check_files(paths: list[str] | None) -> None:
+    missing = [p for p in paths or [] if p != "-" and not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"no such file: {', '.join(missing)}")
+
+
+def cmd_score(args) -> int:
+    from flows import stages
+    from model.score import score_texts
+
+    cfg = load_config(args.config)
+    try:
+        _check_files(args.files)
+    except ValueError as e:
+        print(f"jagpt score: {e}", file=sys.stderr)
+        return 2
+    record, encoder, model = stages.load_checkpoint(cfg.storage_root(), args.checkpoint)
+    print(f"checkpoint {record['run_id']}-{record['step']}", file=sys.stderr)
+    if not args.json:
+        print("\t".join(["line", "logprob", "tokens", "text"] + (["token_logprobs"] if args.tokens else [])))
+    for block in _lines(args.files):
+        for (number, text), s in zip(block, score_texts(model, encoder, [t for _, t in block], args.exclude_end)):
+            pieces = [encoder.tokenizer.id_to_token(i) for i in s.ids]
+            if args.json:
+                row = {"line": number, "text": text, "logprob": round(s.logprob, 6), "tokens": len(s.ids)}
+                if args.tokens:
+                    row["token_logprobs"] = [{"id": i, "token": p, "logprob": round(lp, 6)}
+                                             for i, p, lp in zip(s.ids, pieces, s.logprobs)]
+                print(json.dumps(row, ensure_ascii=False))
+            else:
+                cells = [str(number), f"{s.logprob:.6f}", str(len(s.ids)), _tsv(text)]
+                if args.tokens:
+                    cells.append(_tsv(json.dumps([[p, round(lp, 6)] for p, lp in zip(pieces, s.logprobs)], ensure_ascii=False)))
+                print("\t".join(cells))
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    from flows import stages
+    from model.score import embed_texts
+
+    cfg = load_config(args.config)
+    try:
+        _check_files(args.files)
+        if args.out and not args.out.endswith((".npy", ".jsonl")):
+            raise ValueError(f"--out must end in .npy or .jsonl, not {args.out!r}")
+    except ValueError as e:
+        print(f"jagpt embed: {e}", file=sys.stderr)
+        return 2
+    record, encoder, model = stages.load_checkpoint(cfg.storage_root(), args.checkpoint)
+    print(f"checkpoint {record['run_id']}-{record['step']}", file=sys.stderr)
+    to_npy = bool(args.out and args.out.endswith(".npy"))
+    out = open(args.out, "w", encoding="utf-8") if args.out and not to_npy else sys.stdout
+    blocks, count, cut = [], 0, []
+    try:
+        for block in _lines(args.files):
+            vectors, truncated = embed_texts(model, encoder, [t for _, t in block], args.pooling, args.normalize)
+            cut += [block[i][0] for i in truncated]
+            count += len(block)
+            if to_npy:
+                blocks.append(vectors)
+                continue
+            for (number, text), v in zip(block, vectors):
+                out.write(json.dumps({"line": number, "text": text, "embedding": [round(float(x), 7) for x in v]},
+                                     ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if to_npy:
+        np.save(args.out, np.concatenate(blocks) if blocks else np.zeros((0, model.cfg.d_model), np.float32))
+    if cut:
+        print(f"note: {len(cut)} line(s) longer than the context of {model.cfg.seq_len} tokens were embedded from their "
+              f"beginning (lines {', '.join(map(str, cut[:10]))}{' ...' if len(cut) > 10 else ''})", file=sys.stderr)
+    if args.out:
+        print(f"{count} vectors of {model.cfg.d_model} ({args.pooling} pooling) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from pydantic import ValidationError
+
+    from flows import stages
+    from model import registry
+    from model.checkpoint import install_sigterm_handler
+    from model.finetune import FinetuneSettings, finetune
+    from model.train import Preempted
+
+    cfg = load_config(args.config)
+    try:
+        _check_files(args.files)
+        if "-" in args.files:
+            raise ValueError("give the texts as files (standard input is not read)")
+        fields = {k: getattr(args, k) for k in ("lr", "steps", "val_fraction", "batch_size", "eval_every", "patience",
+                                                 "warmup_steps", "seed") if getattr(args, k) is not None}
+        settings = FinetuneSettings(**fields, text_field=args.field)
+    except ValidationError as e:
+        problems = "; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors())
+        print(f"jagpt finetune: {problems}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"jagpt finetune: {e}", file=sys.stderr)
+        return 2
+    storage = cfg.storage_root()
+    _show_progress()
+    logging.getLogger("model").setLevel(logging.INFO)
+    record = registry.find(storage, args.checkpoint) if args.checkpoint else registry.newest(storage)
+    encoder = stages.load_encoder(storage, record["tokenizer_id"])
+    parent = f"{record['run_id']}-{record['step']}"
+    # In the main thread: a SIGTERM then saves a checkpoint and stops; running the command again resumes.
+    with install_sigterm_handler() as stop:
+        try:
+            run, data = finetune(storage, record, encoder, args.files, settings, stop=stop)
+        except ValueError as e:
+            print(f"jagpt finetune: {e}", file=sys.stderr)
+            return 2
+        except Preempted as e:
+            print(f"jagpt finetune: {e}", file=sys.stderr)
+            return 75
+    new, created = stages.register_step(storage, run, data, parent=parent)
+    s = run.stats
+    print(json.dumps({"parent": parent, "shards": data.path, **{k: v for k, v in s.items() if k != "model"}},
+                     ensure_ascii=False, indent=2))
+    print(f"{'registered' if created else 'already registered'}: {new['run_id']}-{new['step']} (parent {parent}); "
+          f"validation loss {s['first_val_loss']} -> {s['final_val_loss']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from flows import stages
+    from model.export import export_hf
+
+    cfg = load_config(args.config)
+    if os.path.isfile(args.hf) or (os.path.isdir(args.hf) and os.listdir(args.hf) and not args.force):
+        print(f"jagpt export: {args.hf} exists and is not an empty folder (--force writes into it)", file=sys.stderr)
+        return 2
+    storage = cfg.storage_root()
+    record, encoder, model = stages.load_checkpoint(storage, args.checkpoint)
+    g = cfg.generate
+    files = export_hf(storage, record, encoder, model, args.hf,
+                      {"max_new_tokens": g.max_new_tokens, "top_k": g.top_k, "temperature": g.temperature},
+                      {s.name: s.license for s in cfg.sources})
+    print(f"{record['run_id']}-{record['step']} -> {args.hf}: {', '.join(files)}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from flows import stages
+    from model.serve import Limits, create_app, serve
+
+    cfg = load_config(args.config)
+    try:
+        limits = Limits(max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens,
+                        max_samples=args.max_samples, max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                        queue_timeout=args.queue_timeout)
+    except ValueError as e:
+        print(f"jagpt serve: {e}", file=sys.stderr)
+        return 2
+    record, encoder, model = stages.load_checkpoint(cfg.storage_root(), args.checkpoint)
+    ref = f"{record['run_id']}-{record['step']}"
+    g = cfg.generate
+    defaults = {"max_new_tokens": min(g.max_new_tokens, limits.max_new_tokens), "top_k": g.top_k,
+                "temperature": g.temperature}
+    app = create_app(model, encoder, ref, limits, defaults)
+    print(f"serving checkpoint {ref} on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    serve(app, args.host, args.port)
+    return 0
+
+
+def _checkpoint_rows(records: list[dict]) -> list[dict]:
+    def figure(value, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    return [
+        {"checkpoint": f"{r['run_id']}-{r['step']}", "step": r["step"], "val_loss": figure(r.get("val_loss"), 4),
+         "bits/char": figure(r.get("bits_per_char"), 4), "tokens_seen": r.get("tokens_seen", "-"),
+         "preset": r["preset"] if isinstance(r.get("preset"), str) else "-", "registered_at": r.get("registered_at", "-")}
+        for r in records
+    ]
+
+
 def cmd_checkpoints(args) -> int:
+    from flows.stages import format_table
     from model import registry
 
     storage = load_config(args.config).storage_root()
     if args.action == "show":
         print(json.dumps(registry.find(storage, args.ref) if args.ref else registry.newest(storage), indent=2, ensure_ascii=False))
         return 0
+    if args.ref:
+        print(f"jagpt checkpoints {args.action}: takes no REF (only show does)", file=sys.stderr)
+        return 2
+    if args.action == "best":
+        record, without = registry.best(storage)
+        if without:
+            print(f"note: {without} checkpoint(s) without bits_per_char left out (registered before it was recorded)",
+                  file=sys.stderr)
+        if record is None:
+            raise LookupError(f"no registered checkpoint with bits_per_char under {storage.url(registry.REGISTRY)}")
+        print(json.dumps(record, indent=2, ensure_ascii=False))
+        return 0
     records = registry.records(storage)
     if not records:
         print(f"no registered checkpoints under {storage.url(registry.REGISTRY)}")
         return 0
-    print(f"{'checkpoint':<32} {'val_loss':>9} {'tokens_seen':>12}  registered_at")
-    for r in records:
-        print(f"{r['run_id'] + '-' + str(r['step']):<32} {r['val_loss']:>9.4f} {r['tokens_seen']:>12}  {r['registered_at']}")
+    print(format_table(_checkpoint_rows(records)))
     return 0
 
 
@@ -264,6 +556,34 @@ def cmd_config(args) -> int:
     cfg = load_config(args.config)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False))
     return 0
+
+
+def cmd_plan(args) -> int:
+    from model import plan
+    from model.sharding import parse_mesh
+
+    try:
+        devices, memory = args.devices, plan.parse_bytes(args.device_memory) if args.device_memory else None
+        if args.tpu:
+            tpu = plan.tpu_slice(args.tpu)
+            if devices is not None and devices != tpu["devices"]:
+                raise ValueError(f"--tpu {args.tpu} has {tpu['devices']} devices, not --devices {devices}")
+            devices, memory = tpu["devices"], memory or tpu["device_memory"]
+        if devices is None or memory is None:
+            raise ValueError("give --devices and --device-memory, or --tpu")
+        report = plan.plan(
+            args.preset, devices, memory, parse_mesh(args.mesh or f"fsdp={devices}", devices),
+            micro_batch=args.micro_batch, grad_accum=args.grad_accum, remat=args.remat, optimizer=args.optimizer,
+            bf16_moments=args.bf16_moments, compute_dtype=args.compute_dtype, loss_chunk=args.loss_chunk,
+            attn_chunk=args.attn_chunk, seq_len=args.seq_len, vocab=args.vocab, batch_tokens=args.batch_tokens,
+            headroom=args.headroom, mfu=args.mfu, tokens=args.tokens, tpu=args.tpu, peak_tflops=args.peak_tflops,
+            try_cheaper=not args.no_cheaper,
+        )
+    except ValueError as e:
+        print(f"jagpt plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else plan.format_report(report))
+    return 0 if report["fits"] or report["first_fit"] else 1
 
 
 def cmd_sample_site(args) -> int:
@@ -322,6 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-chars", type=int, help="held-out text in characters (default: 10 million)")
     p.add_argument("--force", action="store_true", help="measure again even if this eval is stored")
 
+    p = verb("train", cmd_train, "train on the current corpus's shards (resumes an unfinished run; SIGTERM saves and stops)")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--preset", help="override train.preset")
+    p.add_argument("--shards", metavar="shards/KEY", help="train on this shard set instead of the current corpus's")
+
     p = verb("import", cmd_import, "import Wikipedia dumps, Aozora Bunko zips or WARC/WET files as a raw partition")
     p.add_argument("kind", choices=["wikipedia", "aozora", "warc"], help="what the files are (warc: WARC or WET)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="the dump, zip or WARC/WET files")
@@ -330,19 +655,96 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="aozora: URL prefix for the zip names (default: aozora://)")
     p.add_argument("--batch-rows", type=int, default=1000, help="pages per part file")
 
-    p = verb("generate", cmd_generate, "sample text from a registered checkpoint")
+    p = verb("generate", cmd_generate, "sample text from a registered checkpoint, streamed as it is generated")
     p.add_argument("--prompt", help="text to continue (default: generate.prompt in the config)")
+    p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (- for standard input)")
     p.add_argument("--checkpoint", help="RUN_ID or RUN_ID-STEP (default: the newest registered)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-new-tokens", type=int, help="at most this many new tokens (default: generate.max_new_tokens)")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no <|endoftext|> before this many new tokens")
+    p.add_argument("--top-k", type=int, help="sample from the K most likely tokens; 0: all (default: generate.top_k, 40)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the most likely tokens up to this "
+                   "probability (after top-k); 1: off")
+    p.add_argument("--temperature", type=float, help="0: greedy (default: generate.temperature)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples, one after the other")
     p.add_argument("--seed", type=int)
 
-    p = verb("checkpoints", cmd_checkpoints, "list or show registered checkpoints")
-    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p = verb("score", cmd_score, "the log-probability of each line of text (TSV, or JSON lines with --json)")
+    p.add_argument("files", nargs="*", metavar="FILE", help="text files, one text per line (default or -: standard input)")
+    p.add_argument("--checkpoint", help="RUN_ID or RUN_ID-STEP (default: the newest registered)")
+    p.add_argument("--tokens", action="store_true", help="also each token's log-probability")
+    p.add_argument("--exclude-end", action="store_true", help="leave out the closing <|endoftext|> (score lines as prefixes)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of TSV")
+
+    p = verb("embed", cmd_embed, "sentence vectors of each line of text: the final hidden states, pooled")
+    p.add_argument("files", nargs="*", metavar="FILE", help="text files, one text per line (default or -: standard input)")
+    p.add_argument("--checkpoint", help="RUN_ID or RUN_ID-STEP (default: the newest registered)")
+    p.add_argument("--pooling", choices=["mean", "last"], default="mean", help="mean over the tokens, or the last token's")
+    p.add_argument("--normalize", action="store_true", help="scale each vector to length 1")
+    p.add_argument("--out", metavar="FILE", help="FILE.npy (float32, one row per line) or FILE.jsonl (default: JSON lines "
+                   "on standard output)")
+
+    p = verb("finetune", cmd_finetune, "continue training a registered checkpoint on your own texts, then register it")
+    p.add_argument("files", nargs="+", metavar="FILE", help=".jsonl (one document per line: a JSON string or an object "
+                   "with a text field) or text files (documents separated by blank lines)")
+    p.add_argument("--checkpoint", help="the parent: RUN_ID or RUN_ID-STEP (default: the newest registered)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: a tenth of the parent's)")
+    p.add_argument("--steps", type=int, help="at most this many steps (default: 200)")
+    p.add_argument("--val-fraction", type=float, help="share of the documents held out for validation (default: 0.1)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: the parent's)")
+    p.add_argument("--eval-every", type=int, help="validate (and save) every N steps (default: 20)")
+    p.add_argument("--patience", type=int, help="stop after N validations without a lower loss (default: 3)")
+    p.add_argument("--warmup-steps", type=int, help="learning-rate warmup (default: 10)")
+    p.add_argument("--field", default="text", help="the text field of .jsonl objects (default: text)")
+    p.add_argument("--seed", type=int)
+
+    p = verb("export", cmd_export, "write a registered checkpoint as a Hugging Face GPT2LMHeadModel folder with its "
+             "tokenizer and a model card")
+    p.add_argument("--hf", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    p.add_argument("--checkpoint", help="RUN_ID or RUN_ID-STEP (default: the newest registered)")
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+
+    p = verb("serve", cmd_serve, "a demo page and a JSON API that generate from a registered checkpoint")
+    p.add_argument("--checkpoint", help="RUN_ID or RUN_ID-STEP (default: the newest registered)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-prompt-chars", type=int, default=4000, help="longest prompt in characters")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens a request may ask for")
+    p.add_argument("--max-samples", type=int, default=4, help="most samples a request may ask for")
+    p.add_argument("--max-concurrent", type=int, default=1, help="generations running at once")
+    p.add_argument("--max-queue", type=int, default=8, help="requests waiting for a slot; more get 429")
+    p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait for a slot before 429")
+
+    p = verb("checkpoints", cmd_checkpoints, "list, show or pick the best of the registered checkpoints")
+    p.add_argument("action", nargs="?", choices=["list", "show", "best"], default="list",
+                   help="list (default): oldest first; show [REF]: one record (default: the newest); "
+                   "best: the lowest validation bits per character")
     p.add_argument("ref", nargs="?", help="RUN_ID or RUN_ID-STEP for show")
 
     verb("config", cmd_config, "validate a config and print it with every default filled in")
+
+    p = verb("plan", cmd_plan, "will a training setup fit in device memory, and what will it cost?")
+    p.add_argument("--preset", required=True, help="model preset (small, medium, large, xl, 2.7b, 6.7b, 13b, 175b, tiny, mini)")
+    p.add_argument("--devices", type=int, help="number of devices (default: those of --tpu)")
+    p.add_argument("--device-memory", help="memory per device, e.g. 16GiB (default: that of --tpu)")
+    p.add_argument("--mesh", help="axis sizes, e.g. fsdp=8 or data=2,fsdp=4 (default: fsdp=<devices>)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per data-parallel rank per micro-step")
+    p.add_argument("--grad-accum", type=int, help="micro-steps per step (default: reach the preset's GPT-3 batch)")
+    p.add_argument("--remat", choices=["none", "dots_saveable", "full"], default="none")
+    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
+    p.add_argument("--bf16-moments", action="store_true", help="AdamW moments in bfloat16")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--loss-chunk", type=int, default=0, help="positions per cross-entropy piece (0: whole)")
+    p.add_argument("--attn-chunk", type=int, default=0, help="queries per attention piece (0: whole)")
+    p.add_argument("--seq-len", type=int, help="training sequence length (default: the context, 2048 for GPT-3)")
+    p.add_argument("--vocab", type=int, default=50257, help="vocabulary size (default: GPT-2/GPT-3's)")
+    p.add_argument("--batch-tokens", type=int, help="tokens per step (default: the preset's GPT-3 batch)")
+    p.add_argument("--headroom", type=float, default=0.05, help="fraction of device memory kept free")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization")
+    p.add_argument("--tokens", type=float, default=300e9, help="training tokens (default: GPT-3's 300e9)")
+    p.add_argument("--tpu", help="a TPU slice, e.g. v4-8 or v5e-16: devices, memory and prices from model/tpu_specs.json")
+    p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s per device, for a time estimate on these devices")
+    p.add_argument("--no-cheaper", action="store_true", help="only the setup asked for, no cheaper recipes")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
 
     p = verb("sample-site", cmd_sample_site, "serve the bundled sample site")
     p.add_argument("--host", default="127.0.0.1")

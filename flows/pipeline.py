@@ -105,13 +105,41 @@ def generate_task(cfg: Config):
     return text
 
 
-def summary_markdown(summary: dict[str, Any]) -> str:
-    lines = ["# jagpt pipeline run", "", f"Storage root: `{summary['storage']}`", "", "| stage | status | figures |", "|---|---|---|"]
+def summary_markdown(summary: dict[str, Any], title: str = "jagpt pipeline run") -> str:
+    lines = [f"# {title}", "", f"Storage root: `{summary['storage']}`", "", "| stage | status | figures |", "|---|---|---|"]
     for row in summary["stages"]:
         lines.append(f"| {row['stage']} | {row['status']} | {row['figures']} |")
+    if any(row["status"].startswith("cached") for row in summary["stages"]):
+        lines += ["", f"*{SKIPPED}*: the stage did not run; its output folder, made earlier from the same inputs "
+                  "and settings, was reused."]
     if "sample" in summary:
         lines += ["", "## Sample", "", f"> {summary['prompt']}{summary['sample']}"]
     return "\n".join(lines)
+
+
+def new_summary(cfg: Config) -> dict[str, Any]:
+    """The run summary the flows fill in: the storage root and one row per stage (:func:`add_row`)."""
+    return {"storage": cfg.storage_root().url(), "stages": []}
+
+
+def add_row(summary: dict[str, Any], stage: str, status: str, figures: Any) -> None:
+    summary["stages"].append({"stage": stage, "status": status, "figures": figures})
+
+
+def add_step(summary: dict[str, Any], stage: str, step) -> None:
+    """A row for a step (or the per-partition steps of a stage): ran or skipped, and its figures."""
+    add_row(summary, stage, _status(step), _figures(step))
+
+
+def corpus_report(cfg: Config, summary: dict[str, Any], corpus, shards=None):
+    """The corpus-report task (composition, with tokens once the shards exist, and growth) and its two artifacts."""
+    report = report_task(cfg, corpus, shards)
+    add_step(summary, "report", report)
+    table, growth = stages.report_artifacts(cfg.storage_root(), report)
+    create_table_artifact(table, key="corpus-composition",
+                          description="jagpt corpus: documents, characters, tokens per genre and source; mixture shares")
+    create_markdown_artifact(growth, key="corpus-growth", description="jagpt corpus: growth per link, and the charts' paths")
+    return report
 
 
 @flow(name="pipeline", log_prints=True)
@@ -123,13 +151,14 @@ def pipeline(config_path: str | None = None, skip_crawl: bool = False, until: st
     return run_pipeline(cfg, skip_crawl=skip_crawl, until=until)
 
 
-def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate") -> dict[str, Any]:
+def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate",
+                 artifact_key: str = "pipeline-summary", title: str = "jagpt pipeline run") -> dict[str, Any]:
+    """The stages up to ``until``; the summary is also the markdown artifact ``artifact_key``."""
     stop = STAGES.index(until)
-    summary: dict[str, Any] = {"storage": cfg.storage_root().url(), "stages": []}
-    rows = summary["stages"]
+    summary = new_summary(cfg)
 
     def add(stage: str, status: str, figures: Any) -> None:
-        rows.append({"stage": stage, "status": status, "figures": figures})
+        add_row(summary, stage, status, figures)
 
     if not skip_crawl:
         crawls = crawl_task(cfg)
@@ -170,12 +199,7 @@ def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate")
         add(name, _status(steps[name]), _figures(steps[name]))
         if name == "shards" or (name == "dedup" and stop < STAGES.index("shards")):
             # The corpus report: composition (tokens too, once the shards exist) and growth.
-            steps["report"] = report_task(cfg, steps["dedup"], steps.get("shards"))
-            add("report", _status(steps["report"]), _figures(steps["report"]))
-            table, growth = stages.report_artifacts(cfg.storage_root(), steps["report"])
-            create_table_artifact(table, key="corpus-composition",
-                                  description="jagpt corpus: documents, characters, tokens per genre and source; mixture shares")
-            create_markdown_artifact(growth, key="corpus-growth", description="jagpt corpus: growth per link, and the charts' paths")
+            steps["report"] = corpus_report(cfg, summary, steps["dedup"], steps.get("shards"))
     # clean and dedup are one step per partition; the last dedup link names the corpus.
     summary["steps"] = {k: (v[-1] if isinstance(v, list) else v).path for k, v in steps.items()}
     if stop >= STAGES.index("register"):
@@ -185,7 +209,7 @@ def run_pipeline(cfg: Config, skip_crawl: bool = False, until: str = "generate")
     if stop >= STAGES.index("generate"):
         summary["prompt"] = cfg.generate.prompt
         summary["sample"] = generate_task(cfg)
-    create_markdown_artifact(summary_markdown(summary), key="pipeline-summary", description="jagpt pipeline run")
+    create_markdown_artifact(summary_markdown(summary, title), key=artifact_key, description=title)
     return summary
 
 
@@ -259,14 +283,19 @@ def pipeline_for(cfg: Config) -> Flow:
     return pipeline if runner is None else pipeline.with_options(task_runner=runner)
 
 
+# How a summary row says that a stage was skipped because its output already exists.
+SKIPPED = "cached: skipped, inputs and settings unchanged"
+
+
 def _status(step) -> str:
     if isinstance(step, list):  # one step per partition: say how many ran
         ran = [s for s in step if not s.cached]
         if not ran:
-            return f"cached ({len(step)} partitions, last {step[-1].path})"
+            return f"{SKIPPED} ({len(step)} partitions, last {step[-1].path})"
         seconds = sum(s.seconds for s in ran)
-        return f"ran {seconds:.1f}s ({len(ran)} of {len(step)} partitions, last {step[-1].path})"
-    return f"cached ({step.path})" if step.cached else f"ran {step.seconds:.1f}s ({step.path})"
+        skipped = f", {len(step) - len(ran)} skipped as unchanged" if len(ran) < len(step) else ""
+        return f"ran {seconds:.1f}s ({len(ran)} of {len(step)} partitions{skipped}, last {step[-1].path})"
+    return f"{SKIPPED} ({step.path})" if step.cached else f"ran {step.seconds:.1f}s ({step.path})"
 
 
 def _figures(step) -> dict:

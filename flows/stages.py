@@ -27,6 +27,7 @@ from encoder.shards import assemble, encode_part
 from flows.config import Config
 from model import checkpoint, registry
 from model.generate import generate_text
+from model.gpt import GPT
 from model.train import model_config_of, train
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,12 @@ log = logging.getLogger(__name__)
 STAGES = ["crawl", "extract", "clean", "dedup", "encoder", "shards", "train", "register", "generate"]
 
 # Settings that change how fast a step runs, never what it writes: kept out of step keys.
-RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs", "batch_pages", "write_retries"}
+RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs", "batch_pages", "write_retries",
+                "log_every", "keep_checkpoints"}
 
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
-VERSIONS = {"extract": 3, "clean": 1, "dedup": 2, "encoder": 2, "shards": 3, "train": 1, "reports": 1,
+VERSIONS = {"extract": 3, "clean": 1, "dedup": 2, "encoder": 2, "shards": 3, "train": 2, "reports": 1,
             "encoder_eval": 1}
 
 
@@ -404,11 +406,12 @@ def report_artifacts(storage: Storage, report: StepResult) -> tuple[list[dict], 
     return composition_table(composition), growth_markdown(growth, urls)
 
 
-def train_step(storage: Storage, cfg: Config, shards: StepResult, progress=None) -> StepResult:
+def train_step(storage: Storage, cfg: Config, shards: StepResult, progress=None, stop=None) -> StepResult:
+    """Train on ``shards`` (``runs/run-<key>``); an unfinished run with the same key resumes from its checkpoints."""
     return run_step(
-        storage, "runs", VERSIONS["train"], {"shards": shards.id}, cfg.train.model_dump(),
-        lambda out: train(storage, shards.path, cfg.train, out, progress=progress),
-        key_prefix="run-",
+        storage, "runs", VERSIONS["train"], {"shards": shards.id}, cfg.train.model_dump(exclude=RUNTIME_ONLY),
+        lambda out: train(storage, shards.path, cfg.train, out, progress=progress, stop=stop),
+        key_prefix="run-", resumable=True,
     )
 
 
@@ -442,14 +445,22 @@ def register_step(storage: Storage, run: StepResult, shards: StepResult, parent:
     )
 
 
-def generate(storage: Storage, cfg: Config, prompt: str | None = None, ref: str | None = None, on_text=None, **overrides) -> tuple[str, dict]:
-    """Generate from checkpoint ``ref`` (default: the newest registered one)."""
+def load_checkpoint(storage: Storage, ref: str | None = None) -> tuple[dict, bpe.Encoder, GPT]:
+    """A registered checkpoint (``ref``: ``RUN_ID`` or ``RUN_ID-STEP``; default: the newest): its record,
+    its tokenizer and the model with its parameters."""
     record = registry.find(storage, ref) if ref else registry.newest(storage)
     encoder = load_encoder(storage, record["tokenizer_id"])
     model = checkpoint.restore_model(checkpoint.fetch(storage, record["path"]), model_config_of(storage, record["run_dir"]))
+    return record, encoder, model
+
+
+def generate(storage: Storage, cfg: Config, prompt: str | None = None, ref: str | None = None, on_text=None,
+             top_p: float = 1.0, min_new_tokens: int = 0, sample: int = 0, **overrides) -> tuple[str, dict]:
+    """Generate from checkpoint ``ref`` (default: the newest registered one)."""
+    record, encoder, model = load_checkpoint(storage, ref)
     g = cfg.generate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     text = generate_text(
         model, encoder, prompt if prompt is not None else g.prompt, g.max_new_tokens, g.top_k, g.temperature, g.seed,
-        on_text=on_text,
+        on_text=on_text, top_p=top_p, min_new_tokens=min_new_tokens, sample=sample,
     )
     return text, record

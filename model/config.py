@@ -32,12 +32,14 @@ class ModelConfig(Settings):
 
 
 # name: (n_layer, d_model, n_head, batch tokens, learning rate)
-# The paper lists d_model 5140 for 13B; 5120 is used so that 40 heads of 128 divide it.
+# Two rows of the paper's table do not multiply out, and keep its d_head of 128:
+# XL lists 24 heads of 128 with d_model 2048 (24 x 128 = 3072), so it has 16;
+# 13B lists d_model 5140, so it has 5120, which 40 heads of 128 divide.
 GPT3_PRESETS: dict[str, tuple[int, int, int, int, float]] = {
     "small": (12, 768, 12, 500_000, 6.0e-4),
     "medium": (24, 1024, 16, 500_000, 3.0e-4),
     "large": (24, 1536, 16, 500_000, 2.5e-4),
-    "xl": (24, 2048, 24, 1_000_000, 2.0e-4),
+    "xl": (24, 2048, 16, 1_000_000, 2.0e-4),
     "2.7b": (32, 2560, 32, 1_000_000, 1.6e-4),
     "6.7b": (32, 4096, 32, 2_000_000, 1.2e-4),
     "13b": (40, 5120, 40, 2_000_000, 1.0e-4),

@@ -1,67 +1,89 @@
-"""Sampling from a trained model (top-k, temperature), streaming text as it comes."""
+"""Sampling text from a trained model, streamed as it comes.
+
+The token loop is :class:`model.decode.Decoder` (a key/value cache, compiled
+once per shape bucket); this module turns prompts into ids and ids back into
+text. Text is handed out as soon as it decodes to whole characters: a
+character outside the vocabulary is spelled by byte tokens (``<0xE3>`` ...),
+and the first of them alone decodes to U+FFFD, so a piece ending in U+FFFD is
+held back until the next token completes it (or the generation ends).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from collections.abc import Callable, Iterator, Sequence
 
 from encoder.bpe import Encoder
+from model.decode import Decoder, Sampling
 from model.gpt import GPT
-
-
-@nnx.jit(static_argnames=("top_k",))
-def _sample_next(model: GPT, window: jax.Array, length: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int):
-    logits = model(window)[0, length - 1].astype(jnp.float32) / temperature
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][-1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits)
 
 
 def sample_ids(
     model: GPT, prompt_ids: list[int], max_new_tokens: int, eot_id: int, top_k: int = 40,
-    temperature: float = 1.0, seed: int = 0,
+    temperature: float = 1.0, seed: int = 0, top_p: float = 1.0, min_new_tokens: int = 0,
 ) -> Iterator[int]:
-    """Yield new token ids until ``max_new_tokens`` or ``<|endoftext|>``.
+    """Yield new token ids of one sample until ``max_new_tokens`` or ``<|endoftext|>``."""
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens)
+    for step in Decoder(model).generate(prompt_ids, max_new_tokens, eot_id, sampling, seed):
+        yield int(step[0])
 
-    The window has a fixed shape (the model's context), so the step compiles once.
-    """
-    ctx = model.cfg.seq_len
-    ids = list(prompt_ids) or [eot_id]
-    key = jax.random.PRNGKey(seed)
-    top_k = min(top_k, model.cfg.vocab_size) if top_k > 0 else 0
-    for _ in range(max_new_tokens):
-        recent = ids[-ctx:]
-        window = np.zeros((1, ctx), dtype=np.int32)
-        window[0, : len(recent)] = recent
-        key, sub = jax.random.split(key)
-        nxt = int(_sample_next(model, window, jnp.int32(len(recent)), sub, jnp.float32(max(temperature, 1e-5)), top_k))
-        if nxt == eot_id:
-            return
-        ids.append(nxt)
-        yield nxt
+
+class TextStream:
+    """Token ids in, text out: each :meth:`push` returns the text that became whole (maybe "")."""
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+        self.pending: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.pending.append(token)
+        piece = self.encoder.decode(self.pending)
+        if not piece or piece.endswith("\ufffd"):
+            return ""
+        # Cut after a token that ends a character: decoding is additive from here on.
+        self.pending = []
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        piece = self.encoder.decode(self.pending) if self.pending else ""
+        self.pending = []
+        self.text += piece
+        return piece
+
+
+def generate_samples(
+    model: GPT | Decoder, encoder: Encoder, prompt: str, max_new_tokens: int = 100, sampling: Sampling = Sampling(),
+    seed: int = 0, rows: Sequence[int] = (0,), on_text: Callable[[int, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[str]:
+    """The prompt's continuations, one per row of ``rows`` (sample ``r`` uses key ``fold_in(seed, r)``),
+    generated as one batch. ``on_text(i, piece)`` receives the new text of the ``i``-th row as soon as
+    it is whole; ``should_stop()`` is asked after every token (a client went away)."""
+    decoder = model if isinstance(model, Decoder) else Decoder(model)
+    streams = [TextStream(encoder) for _ in rows]
+    for step in decoder.generate(encoder.encode(prompt), max_new_tokens, encoder.eot_id, sampling, seed, rows):
+        for i, token in enumerate(step):
+            if token >= 0:
+                piece = streams[i].push(int(token))
+                if piece and on_text:
+                    on_text(i, piece)
+        if should_stop is not None and should_stop():
+            break
+    for i, s in enumerate(streams):
+        piece = s.flush()
+        if piece and on_text:
+            on_text(i, piece)
+    return [s.text for s in streams]
 
 
 def generate_text(
-    model: GPT, encoder: Encoder, prompt: str, max_new_tokens: int = 100, top_k: int = 40,
+    model: GPT | Decoder, encoder: Encoder, prompt: str, max_new_tokens: int = 100, top_k: int = 40,
     temperature: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None,
+    top_p: float = 1.0, min_new_tokens: int = 0, sample: int = 0,
 ) -> str:
-    """The prompt's continuation. ``on_text`` receives each new piece of text as
-    soon as it decodes to whole characters (byte-level tokens can split one)."""
-    new: list[int] = []
-    shown = ""
-    for token in sample_ids(model, encoder.encode(prompt), max_new_tokens, encoder.eot_id, top_k, temperature, seed):
-        new.append(token)
-        text = encoder.decode(new)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-            if on_text:
-                on_text(text[len(shown):])
-            shown = text
-    text = encoder.decode(new)
-    if on_text and len(text) > len(shown):
-        on_text(text[len(shown):])
-    return text
+    """One continuation of the prompt (sample number ``sample`` of ``seed``); ``on_text`` receives each
+    new piece of text as soon as it decodes to whole characters."""
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens)
+    callback = (lambda _, piece: on_text(piece)) if on_text else None
+    return generate_samples(model, encoder, prompt, max_new_tokens, sampling, seed, (sample,), callback)[0]

@@ -1,190 +1,242 @@
-"""The train stage: a GPT trained with optax AdamW on the token shards.
+"""The train stage: the loop around one optimizer step (:mod:`model.step`).
 
-The loop is the plain one: sample a batch, take a step, evaluate every
-``eval_every`` steps, checkpoint every ``checkpoint_every`` steps. Batches are
-a pure function of (seed, step), so any step's batch can be rebuilt at once.
+Each step takes the loader's batch for that step (:mod:`model.data`: a pure
+function of seed and step), places it on the mesh and updates the model.
+Every ``eval_every`` steps it measures validation loss, perplexity and bits
+per character; every ``checkpoint_every`` steps it saves the model, the
+optimizer and the loader's position (:mod:`model.checkpoint`). Metrics go to
+``metrics.jsonl``, TensorBoard and ``loss.png`` (:mod:`model.metrics`).
+
+A run resumes by itself: if its folder holds checkpoints, the newest readable
+one is restored and the loop goes on from there, so a run killed at any point
+ends with the same parameters and the same loss curve as one never
+interrupted. A SIGTERM (a preempted TPU VM) saves the current step and raises
+:class:`Preempted`; a NaN or infinite loss stops the run with an error and
+leaves the last good checkpoint as it was.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
-import time
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from corpus.settings import Settings
 from corpus.storage import Storage
-from encoder.shards import load_split
-from model import checkpoint
+from encoder.shards import ShardReader
+from model import sharding
+from model.checkpoint import Checkpoints, PreemptionFlag, abstract_like, fingerprint, pure_state
 from model.config import ModelConfig, preset
-from model.gpt import GPT
+from model.data import EvalSet, Loader
+from model.metrics import MetricsWriter, Progress, peak_flops_per_device
+from model.step import (
+    OptimSettings, check_batch, check_config, create_train_state, eval_step, flops_per_token, make_schedule, train_step,
+)
 
 log = logging.getLogger(__name__)
 
 
-class TrainSettings(Settings):
+class TrainSettings(OptimSettings):
+    """The optimizer settings (:class:`model.step.OptimSettings`) plus the loop's."""
+
     preset: str = "tiny"
     seq_len: int = Field(default=128, gt=1)
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=16, gt=0, description="sequences per optimizer step, all devices together")
     steps: int = Field(default=300, gt=0)
+    total_steps: int | None = Field(default=None, gt=0, description="length of the learning-rate schedule; default: steps")
     lr: float = Field(default=3e-3, gt=0)
     warmup_steps: int = Field(default=30, ge=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    grad_clip: float = Field(default=1.0, gt=0)
-    optimizer: Literal["adamw"] = "adamw"
+    mesh: str = Field(default="", description="e.g. 'fsdp=8' or 'data=2,fsdp=4'; empty: data parallel over every device")
     eval_every: int = Field(default=50, gt=0)
     eval_batches: int = Field(default=4, gt=0)
+    log_every: int = Field(default=10, gt=0)
     checkpoint_every: int = Field(default=100, gt=0)
+    keep_checkpoints: int = Field(default=3, ge=2, description="newest checkpoints kept (2 or more, so one can fall back)")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _known_preset(self) -> TrainSettings:
+        preset(self.preset, vocab_size=256, seq_len=self.seq_len)  # raises for an unknown name
+        return self
 
-def batch_at(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """The batch for ``step``: random windows, determined by (seed, step) alone."""
-    if len(tokens) < seq_len + 1:
-        raise ValueError(
-            f"only {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
-            "crawl more pages or lower train.seq_len"
-        )
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
-    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
-    window = tokens[idx].astype(np.int32)
-    return window[:, :-1], window[:, 1:]
+    def optim(self) -> OptimSettings:
+        fields = {k: getattr(self, k) for k in OptimSettings.model_fields if k != "total_steps"}
+        return OptimSettings(**fields, total_steps=self.total_steps or self.steps)
 
 
-def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
-    """AdamW (beta2 0.95) with linear warmup, then cosine decay to 10% (GPT-3)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=settings.lr,
-        warmup_steps=min(settings.warmup_steps, settings.steps - 1),
-        decay_steps=settings.steps,
-        end_value=settings.lr * 0.1,
-    )
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731 - no decay on biases, norms
-    return optax.chain(
-        optax.clip_by_global_norm(settings.grad_clip),
-        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=settings.weight_decay, mask=decay_mask),
-    )
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM after saving ``step``; running it again resumes there."""
+
+    def __init__(self, step: int, url: str):
+        super().__init__(f"preempted at step {step}: checkpoint saved under {url}; run again to resume")
+        self.step = step
 
 
-def loss_fn(model: GPT, x: jax.Array, y: jax.Array) -> jax.Array:
-    logits = model(x).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+def place(mesh, local: np.ndarray) -> jax.Array:
+    """This process's rows of a batch, as the global array split over the mesh's batch axes."""
+    if jax.process_count() == 1:
+        return sharding.shard_batch(mesh, local)
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, local.ndim), local)
 
 
-@nnx.jit
-def train_step(model: GPT, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array) -> jax.Array:
-    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-    optimizer.update(model, grads)
-    return loss
+def evaluate(model, mesh, evalset: EvalSet) -> dict[str, float]:
+    """Mean validation loss (nats per token), perplexity and bits per character."""
+    total = count = 0.0
+    for x, y in evalset:
+        s, n = eval_step(model, place(mesh, x), place(mesh, y))
+        total, count = total + float(s), count + float(n)
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bits_per_char": evalset.bits_per_char(loss)}
 
 
-@nnx.jit
-def eval_step(model: GPT, x: jax.Array, y: jax.Array) -> jax.Array:
-    return loss_fn(model, x, y)
+def _state_from(module, pure: dict):
+    state = nnx.state(module)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
 
 
-def evaluate(model: GPT, val: np.ndarray, settings: TrainSettings) -> float:
-    seq_len = min(settings.seq_len, len(val) - 1)
-    losses = [
-        float(eval_step(model, *batch_at(val, seq_len, settings.batch_size, settings.seed + 1_000_003, i)))
-        for i in range(settings.eval_batches)
-    ]
-    return float(np.mean(losses))
+def train(
+    storage: Storage, shards_dir: str, settings: TrainSettings, out: str, progress=None,
+    stop: PreemptionFlag | None = None, init: str | None = None, patience: int = 0,
+) -> dict:
+    """Train on the shards in ``shards_dir``; checkpoints and metrics go under ``out`` (resumed if there).
 
+    ``progress(step, steps, row)`` is called at each evaluation. ``stop``
+    (see :func:`model.checkpoint.install_sigterm_handler`) ends the run
+    cleanly with :class:`Preempted` once a SIGTERM arrived.
 
-def plot_losses(metrics: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    train = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("jagpt training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def train(storage: Storage, shards_dir: str, settings: TrainSettings, out: str, progress=None) -> dict:
-    """Train on the shards in ``shards_dir``; checkpoints and metrics go under ``out``."""
-    manifest = storage.read_json(f"{shards_dir}/manifest.json")
+    Fine-tuning: ``init`` is a checkpoint step folder (``.../checkpoints/<step>``) whose model
+    parameters a new run starts from (a fresh optimizer; the shape and tokenizer must match).
+    ``patience`` > 0 stops early once that many evaluations in a row (after step 0) did not
+    lower the validation loss, and the stats then name the best evaluated step's checkpoint
+    (save a checkpoint at every evaluation and keep ``patience + 1`` of them).
+    """
+    sharding.initialize_distributed()
+    train_reader = ShardReader(storage, shards_dir, "train")
+    manifest = train_reader.manifest
     cfg = preset(settings.preset, vocab_size=manifest["vocab_size"], seq_len=settings.seq_len)
-    train_tokens = load_split(storage, shards_dir, "train")
-    val_tokens = load_split(storage, shards_dir, "val")
-    log.info(
-        "train: %s preset, %.2fM params, %d train / %d val tokens, %d steps",
-        settings.preset, cfg.n_params() / 1e6, len(train_tokens), len(val_tokens), settings.steps,
-    )
-    model = GPT(cfg, nnx.Rngs(settings.seed))
-    optimizer = nnx.Optimizer(model, make_optimizer(settings), wrt=nnx.Param)
+    optim = settings.optim()
+    axes = sharding.parse_mesh(settings.mesh, jax.device_count())
+    check_config(cfg, optim, axes)
+    check_batch(cfg, optim, axes, settings.batch_size, settings.seq_len)
+    mesh = sharding.make_mesh(**axes)
+    host = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    loader = Loader(train_reader, settings.seq_len, settings.batch_size, seed=settings.seed, grad_accum=optim.grad_accum,
+                    tokenizer_id=manifest["tokenizer_id"], vocab_size=cfg.vocab_size, **host)
+    evalset = EvalSet(ShardReader(storage, shards_dir, "val"), settings.seq_len, settings.batch_size, settings.eval_batches, **host)
+    model, optimizer = create_train_state(cfg, optim, mesh, settings.seed)
+    log.info("train: %s preset, %.2fM params, mesh %s, %d train / %d val tokens, %d steps of %d sequences",
+             settings.preset, cfg.n_params() / 1e6, axes, train_reader.num_tokens, evalset.reader.num_tokens,
+             settings.steps, settings.batch_size)
+    if jax.process_index() == 0 and not storage.exists(f"{out}/model.json"):
+        storage.write_json(f"{out}/model.json", {"model": cfg.model_dump(), "train": settings.model_dump(), "shards": shards_dir,
+                                                 "tokenizer_id": manifest["tokenizer_id"]})
 
-    metrics: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="jagpt-train-") as work:
-        ckpt_dir = os.path.join(work, "checkpoints")
-        first_val = evaluate(model, val_tokens, settings)
-        metrics.append({"step": 0, "val_loss": first_val})
-        log.info("step 0: val loss %.4f", first_val)
-        start = time.monotonic()
-        for step in range(1, settings.steps + 1):
-            x, y = batch_at(train_tokens, settings.seq_len, settings.batch_size, settings.seed, step)
-            loss = float(train_step(model, optimizer, x, y))
+    ckpt = Checkpoints(storage, f"{out}/checkpoints", fingerprint(cfg, manifest["tokenizer_id"]),
+                       max_to_keep=settings.keep_checkpoints)
+    try:
+        restored = ckpt.latest_restorable(abstract_like(pure_state(model)), abstract_like(pure_state(optimizer)))
+        start = 0
+        if restored is not None:
+            nnx.update(model, _state_from(model, restored.model))
+            nnx.update(optimizer, _state_from(optimizer, restored.optimizer))
+            loader.restore(restored.loader)
+            start = restored.step
+            log.info("train: resumed from the checkpoint of step %d", start)
+        elif init is not None:
+            parent, parent_step = init.rstrip("/").rsplit("/", 1)
+            with Checkpoints(storage, parent, ckpt.fingerprint, async_save=False) as source:
+                nnx.update(model, _state_from(model, source.restore(int(parent_step), abstract_like(pure_state(model))).model))
+            log.info("train: starting from the parameters of %s", storage.url(init))
+        metrics = MetricsWriter(storage, out, resume_step=start if restored is not None else None) if jax.process_index() == 0 else None
+        record = (lambda step, **v: metrics.log(step, **v)) if metrics else (lambda step, **v: None)
+        if start == 0:
+            first = evaluate(model, mesh, evalset)
+            record(0, **first)
+            log.info("step 0: val loss %.4f (%.3f bits per character)", first["val_loss"], first["val_bits_per_char"])
+        fpt = flops_per_token(cfg, settings.seq_len)
+        meter = Progress(settings.steps, loader.tokens_per_step, start_step=start, flops_per_token=fpt,
+                         n_devices=jax.device_count(), peak_flops_per_device=peak_flops_per_device())
+        last_saved = start if restored is not None else None
+        schedule = make_schedule(optim)
+        evals = [(r["step"], r["val_loss"]) for r in (metrics.rows if metrics else []) if "val_loss" in r and r["step"] > 0]
+        for index, x, y in loader.prefetch(start, settings.steps):
+            step = index + 1
+            result = train_step(model, optimizer, place(mesh, x), place(mesh, y))
+            loss = float(result["loss"])
             if not math.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss} at step {step}; stopping (no checkpoint written)")
-            row: dict = {"step": step, "train_loss": loss}
+                raise FloatingPointError(
+                    f"training loss became {loss} at step {step}; stopped. The last good checkpoint "
+                    f"(step {last_saved}) is kept under {ckpt.url}; lower train.lr or check the data"
+                    if last_saved is not None else
+                    f"training loss became {loss} at step {step}; stopped before any checkpoint was written"
+                )
+            row = {"train_loss": loss, "grad_norm": float(result.get("grad_norm", jnp.nan)),
+                   "lr": float(schedule(step - 1))}
+            if step % settings.log_every == 0 or step == settings.steps:
+                figures = meter.update(step, loss)
+                row.update(tokens_per_s=figures["tokens_per_s"], mfu=figures["mfu"])
+                log.info(meter.line(step, loss, figures=figures))
             if step % settings.eval_every == 0 or step == settings.steps:
-                row["val_loss"] = evaluate(model, val_tokens, settings)
-                elapsed = time.monotonic() - start
-                row["tokens_per_s"] = round(step * settings.batch_size * settings.seq_len / elapsed, 1)
-                log.info("step %d/%d: train %.4f, val %.4f, %.0f tok/s", step, settings.steps, loss, row["val_loss"], row["tokens_per_s"])
+                row.update(evaluate(model, mesh, evalset))
+                log.info("step %d/%d: val loss %.4f, %.3f bits per character", step, settings.steps,
+                         row["val_loss"], row["val_bits_per_char"])
                 if progress:
-                    progress(step, settings.steps, row)
-            metrics.append(row)
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
-                checkpoint.save(ckpt_dir, step, model, optimizer)
+                    progress(step, settings.steps, {"step": step, **row})
+                evals.append((step, row["val_loss"]))
+            record(step, **row)
+            stopping = stop is not None and stop.should_stop(step)
+            best_step = min(evals, key=lambda e: e[1])[0] if evals else None
+            early = patience > 0 and best_step is not None and sum(s > best_step for s, _ in evals) >= patience
+            if step % settings.checkpoint_every == 0 or step == settings.steps or stopping or early:
+                if metrics:
+                    metrics.flush()
+                ckpt.save(step, pure_state(model), pure_state(optimizer), loader=loader.state(step=step))
+                last_saved = step
+            if stopping:
+                ckpt.close()
+                raise Preempted(step, ckpt.url)
+            if early:
+                log.info("step %d: no lower validation loss in %d evaluations since step %d; stopping early",
+                         step, patience, best_step)
+                break
+        ckpt.wait()
+    finally:
+        loader.close()
+        ckpt.close()
+        if jax.process_index() == 0 and "metrics" in locals() and metrics:
+            metrics.close()
 
-        with open(os.path.join(work, "metrics.jsonl"), "w", encoding="utf-8") as f:
-            for m in metrics:
-                f.write(json.dumps(m) + "\n")
-        plot_losses(metrics, os.path.join(work, "loss.png"))
-        with open(os.path.join(work, "model.json"), "w", encoding="utf-8") as f:
-            json.dump({"model": cfg.model_dump(), "train": settings.model_dump(), "shards": shards_dir}, f, indent=2)
-        storage.put_dir(work, out)
-
-    final_val = metrics[-1]["val_loss"]
-    return {
-        "steps": settings.steps,
+    rows = metrics.rows if metrics else []
+    vals = [r for r in rows if "val_loss" in r]
+    trains = [r for r in rows if "train_loss" in r]
+    last = rows[-1]["step"] if rows else settings.steps
+    final = settings.steps
+    if patience > 0 and any(r["step"] > 0 for r in vals):  # the best evaluated step is the result
+        final = min((r for r in vals if r["step"] > 0), key=lambda r: r["val_loss"])["step"]
+    at = [r for r in vals if r["step"] == final] or vals[-1:]
+    stats = {
+        "steps": final,
+        "preset": settings.preset,
         "params": cfg.n_params(),
-        "first_val_loss": round(first_val, 4),
-        "final_val_loss": round(final_val, 4),
-        "final_train_loss": round(metrics[-1]["train_loss"], 4),
-        "tokens_seen": settings.steps * settings.batch_size * settings.seq_len,
-        "checkpoint": f"{out}/checkpoints/{settings.steps}",
+        "first_val_loss": round(vals[0]["val_loss"], 4) if vals else None,
+        "final_val_loss": round(at[0]["val_loss"], 4) if at else None,
+        "bits_per_char": round(at[0]["val_bits_per_char"], 4) if at else None,
+        "final_train_loss": round(trains[-1]["train_loss"], 4) if trains else None,
+        "tokens_seen": final * loader.tokens_per_step,
+        "checkpoint": f"{out}/checkpoints/{final}",
         "model": cfg.model_dump(),
         "tokenizer_id": manifest["tokenizer_id"],
     }
+    if patience > 0:
+        stats.update(steps_run=last, stopped_early=last < settings.steps)
+    return stats
 
 
 def model_config_of(storage: Storage, run_dir: str) -> ModelConfig:
     return ModelConfig(**storage.read_json(f"{run_dir}/model.json")["model"])
+
