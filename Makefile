@@ -21,13 +21,15 @@ demo: install
 test: install chromium
 	$(BIN)/pytest
 
-# The Prefect UI test (tests/test_prefect_server.py) needs Debian's chromium; installed
-# with apt when it is missing (as root, or with passwordless sudo).
+# The browser tests (Prefect UI, the serve demo page) need Debian's chromium, and a
+# Japanese font for readable screenshots; installed with apt when missing (as root,
+# or with passwordless sudo).
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@if ! command -v chromium >/dev/null 2>&1 || ! dpkg -s fonts-noto-cjk >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	  else echo "chromium is missing: apt-get install -y chromium (as root)"; exit 1; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	  else echo "chromium or fonts-noto-cjk is missing: apt-get install -y chromium fonts-noto-cjk (as root)"; exit 1; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk; \
+	fi
 
 clean-data:
 	rm -rf data
