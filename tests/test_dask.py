@@ -3,7 +3,8 @@
 Four raw partitions (two weeks of two sources, with duplicates across them, from
 tests/test_dedup.py) are built to the end of the dedup chain twice by the
 Prefect flow, each into its own storage root: once with Prefect's default
-thread pool, once on a local Dask cluster of two worker processes. On Dask,
+thread pool into a local folder, once on a local Dask cluster of two worker
+processes into gs:// (the GCS emulator), as a real cluster would. On Dask,
 every partition goes through the extract process pool (``pool_min_pages: 1``),
 which a daemonic Dask worker could not start.
 """
@@ -51,7 +52,8 @@ def build(tmp_path, name: str, runner: dict, extract: dict, storage: dict | None
     return storage, summary
 
 
-def test_corpus_on_a_local_dask_cluster_equals_the_in_process_corpus(tmp_path, own_prefect, monkeypatch):
+def test_corpus_on_a_local_dask_cluster_equals_the_in_process_corpus(tmp_path, own_prefect, monkeypatch, gcs_root):
+    """The Dask run also writes to gs:// (the emulator), as a cluster's workers would."""
     clusters = []
     make_cluster = pipeline_module._local_dask_cluster
 
@@ -63,9 +65,11 @@ def test_corpus_on_a_local_dask_cluster_equals_the_in_process_corpus(tmp_path, o
     monkeypatch.setattr(pipeline_module, "_local_dask_cluster", recording_cluster)
 
     local, local_summary = build(tmp_path, "in-process", {}, {})
+    root, options = gcs_root
     dask, dask_summary = build(
-        tmp_path, "dask", {"dask_local_workers": 2}, {"pool_min_pages": 1, "workers": 1}
+        tmp_path, "dask", {"dask_local_workers": 2}, {"pool_min_pages": 1, "workers": 1}, {"root": root, "options": options}
     )
+    assert dask.url("x").startswith("gs://")
 
     assert clusters and clusters[0][0].startswith("tcp://127.0.0.1:") and clusters[0][1] == 2
     assert not any(row["status"].startswith("cached") for row in dask_summary["stages"])
@@ -83,18 +87,6 @@ def test_corpus_on_a_local_dask_cluster_equals_the_in_process_corpus(tmp_path, o
         assert dask.read_bytes(rel) == local.read_bytes(rel), rel
     docs = local.read_parquet([f"{d}/docs.parquet" for d in current["dedup"]])
     assert docs.num_rows > 0
-
-
-def test_dask_workers_build_the_same_corpus_on_gcs(tmp_path, own_prefect, gcs_root):
-    root, options = gcs_root
-    local, _ = build(tmp_path, "in-process", {}, {})
-    gcs, summary = build(tmp_path, "dask-gcs", {"dask_local_workers": 2}, {"pool_min_pages": 1, "workers": 1},
-                         {"root": root, "options": options})
-    assert gcs.url("x").startswith("gs://") and not any(row["status"].startswith("cached") for row in summary["stages"])
-    current = local.read_json(CURRENT)
-    assert gcs.read_json(CURRENT) == current
-    for d in current["dedup"]:
-        assert gcs.read_bytes(f"{d}/docs.parquet") == local.read_bytes(f"{d}/docs.parquet"), d
 
 
 def test_a_failing_partition_fails_the_run_with_its_error(tmp_path, own_prefect, monkeypatch):
