@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test clean-data chromium
+.PHONY: install demo test clean-data chromium libtpu
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("jagpt needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -18,8 +18,18 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/jagpt pipeline
 
-test: install chromium
+test: install chromium libtpu
 	$(BIN)/pytest
+
+# The planner's TPU compile (`jagpt plan --compiler tpu`) needs libtpu, the version the
+# installed jax[tpu] pins. It goes in its own folder, not site-packages: the planner puts it
+# on the compile's path, and no other JAX process on a machine without TPUs tries to start it.
+LIBTPU_PIN = $(BIN)/python -c "from importlib.metadata import requires; \
+  print(next(r.split(';')[0] for r in requires('jax') if r.startswith('libtpu')))"
+libtpu: $(VENV)/libtpu/.installed
+$(VENV)/libtpu/.installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet --target $(VENV)/libtpu "$$($(LIBTPU_PIN))"
+	touch $@
 
 # The browser tests (Prefect UI, the serve demo page) need Debian's chromium, and a
 # Japanese font for readable screenshots; installed with apt when missing (as root,

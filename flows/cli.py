@@ -574,10 +574,10 @@ def cmd_plan(args) -> int:
         report = plan.plan(
             args.preset, devices, memory, parse_mesh(args.mesh or f"fsdp={devices}", devices),
             micro_batch=args.micro_batch, grad_accum=args.grad_accum, remat=args.remat, optimizer=args.optimizer,
-            bf16_moments=args.bf16_moments, compute_dtype=args.compute_dtype, loss_chunk=args.loss_chunk,
-            attn_chunk=args.attn_chunk, seq_len=args.seq_len, vocab=args.vocab, batch_tokens=args.batch_tokens,
+            moments=args.moments, grad_dtype=args.grad_dtype, compute_dtype=args.compute_dtype,
+            loss_chunk=args.loss_chunk, attn_chunk=args.attn_chunk, seq_len=args.seq_len, vocab=args.vocab, batch_tokens=args.batch_tokens,
             headroom=args.headroom, mfu=args.mfu, tokens=args.tokens, tpu=args.tpu, peak_tflops=args.peak_tflops,
-            try_cheaper=not args.no_cheaper,
+            try_cheaper=not args.no_cheaper, compiler=args.compiler,
         )
     except ValueError as e:
         print(f"jagpt plan: {e}", file=sys.stderr)
@@ -731,7 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, help="micro-steps per step (default: reach the preset's GPT-3 batch)")
     p.add_argument("--remat", choices=["none", "dots_saveable", "full"], default="none")
     p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw")
-    p.add_argument("--bf16-moments", action="store_true", help="AdamW moments in bfloat16")
+    p.add_argument("--moments", choices=["float32", "bfloat16", "int8"], default="float32",
+                   help="how AdamW stores its two moments (int8: 8-bit blockwise codes)")
+    p.add_argument("--grad-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the gradient accumulator's dtype (with --remat full)")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--loss-chunk", type=int, default=0, help="positions per cross-entropy piece (0: whole)")
     p.add_argument("--attn-chunk", type=int, default=0, help="queries per attention piece (0: whole)")
@@ -744,6 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpu", help="a TPU slice, e.g. v4-8 or v5e-16: devices, memory and prices from model/tpu_specs.json")
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s per device, for a time estimate on these devices")
     p.add_argument("--no-cheaper", action="store_true", help="only the setup asked for, no cheaper recipes")
+    p.add_argument("--compiler", choices=["cpu", "tpu"], default="cpu",
+                   help="cpu: XLA:CPU with simulated devices; tpu: the XLA TPU compiler for the --tpu slice (needs libtpu)")
     p.add_argument("--json", action="store_true", help="the report as JSON")
 
     p = verb("sample-site", cmd_sample_site, "serve the bundled sample site")

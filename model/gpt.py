@@ -18,9 +18,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
-from model.sharding import constrain
+from model.sharding import BATCH, active_mesh, constrain
 
 LN_EPS = 1e-5
 Remat = Literal["none", "dots_saveable", "full"]
@@ -97,10 +98,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0) -> jax.A
     return out.swapaxes(0, 1).reshape(B, T, H, D)
 
 
+def cast_weight(a: jax.Array, dtype) -> jax.Array:
+    """A float32 weight in the compute dtype: bfloat16 by round-to-nearest-even on the bits.
+
+    The same as ``astype`` for finite values, but XLA does not recognise it as
+    a convert: a convert it hoists out of the layer loop, casting every
+    layer's weights at once (a 3.2 GB copy for 13B on a TPU v3-8, which then
+    does not fit).
+    """
+    if a.dtype == dtype:
+        return a
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return a.astype(dtype)
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
+
+
 def block(p: dict, x: jax.Array, n_head: int, dtype, attn_chunk: int = 0) -> jax.Array:
     """One block on (B, T, d) for one layer's parameters ``p`` (a pure dict of float32 arrays)."""
     B, T, D = x.shape
-    c = lambda a: a.astype(dtype)  # noqa: E731
+    c = lambda a: cast_weight(a, dtype)  # noqa: E731
     h = layer_norm(x, p["ln_1"]["scale"], p["ln_1"]["bias"], dtype)
     qkv = jnp.einsum("btd,dkf->btkf", h, c(p["c_attn"]["kernel"])) + c(p["c_attn"]["bias"])
     qkv = constrain(qkv.reshape(B, T, 3, n_head, D // n_head), ("batch", None, None, "heads", None))
@@ -191,10 +209,8 @@ class GPT(nnx.Module):
         T = tokens.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context {self.cfg.seq_len}")
-        # Gathered whole (FSDP) before the lookup: a lookup into a table split
-        # along d would have to be re-split along the batch.
-        wte, wpe = constrain(self.wte[...], (None, None)), constrain(self.wpe[:T], (None, None))
-        x = constrain((wte[tokens] + wpe).astype(self.dtype), ACT)
+        wpe = constrain(self.wpe[:T], (None, None))
+        x = constrain((embed_tokens(self.wte[...], tokens) + wpe).astype(self.dtype), ACT)
         block_fn = lambda p, h: block(p, h, self.cfg.n_head, self.dtype, self.attn_chunk)  # noqa: E731
         if grad_sink is None:
             x = run_blocks(block_fn, self.block_params(), x, self.remat)
@@ -212,11 +228,49 @@ class GPT(nnx.Module):
 
 
 def logits(h: jax.Array, wte: jax.Array) -> jax.Array:
-    """float32 logits of the tied output layer. ``wte`` is gathered whole here, in
-    the compute dtype; its gradient leaves split again (a reduce-scatter), so a
-    chunked loss accumulates only this device's slice of it."""
+    """float32 logits of the tied output layer, ``wte`` gathered whole in the compute dtype."""
     w = constrain(wte.astype(h.dtype), (None, None))
     return jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+
+
+# Vocab-parallel embedding and loss. Under a mesh whose fsdp axis splits the
+# parameters, the table is split along the vocabulary over that axis (padded to
+# a multiple of it) and the fsdp group shares its tokens or hidden states
+# instead of the table: a whole-vocabulary float32 copy of wte (1 GB for 13B) is
+# never made; the group's (batch, T, d) activations are smaller than the table
+# for every GPT-3 shape at micro-batch 1.
+
+
+def _vocab_parallel(mesh, batch: int) -> bool:
+    """Only when the fsdp axis splits the table (on one device XLA:CPU needs 0.8 GB more for 2.7B)."""
+    return mesh is not None and mesh.shape["fsdp"] > 1 and batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+
+
+def _split_vocab(wte: jax.Array, mesh) -> jax.Array:
+    pad = -wte.shape[0] % mesh.shape["fsdp"]
+    return jnp.pad(wte, ((0, pad), (0, 0))) if pad else wte
+
+
+def _local_rows(ids: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+    """(row of each id in this device's slice, clipped; whether the id is in the slice)."""
+    j = ids - jax.lax.axis_index("fsdp") * rows
+    return jnp.clip(j, 0, rows - 1), (j >= 0) & (j < rows)
+
+
+def embed_tokens(wte: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``wte[tokens]``, (B, T, d) in the table's dtype."""
+    mesh = active_mesh()
+    if not _vocab_parallel(mesh, tokens.shape[0]):
+        return wte[tokens]
+
+    def local(w, ids):
+        ids = jax.lax.all_gather(ids, "fsdp", axis=0, tiled=True)
+        j, hit = _local_rows(ids, w.shape[0])
+        x = jnp.where(hit[..., None], w[j], 0)
+        return jax.lax.psum_scatter(x, "fsdp", scatter_dimension=0, tiled=True)
+
+    split = jax.shard_map(local, in_specs=(P("fsdp", None), P(BATCH, None)), out_specs=P(BATCH, None, None))
+    return split(_split_vocab(wte, mesh), tokens)
 
 
 def _ce_sum(h: jax.Array, wte: jax.Array, targets: jax.Array) -> jax.Array:
@@ -225,21 +279,53 @@ def _ce_sum(h: jax.Array, wte: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.sum(jax.nn.logsumexp(z, axis=-1) - gold)
 
 
-def cross_entropy_sum(h: jax.Array, wte: jax.Array, targets: jax.Array, chunk: int = 0) -> jax.Array:
-    """Summed cross-entropy of the tied output layer, ``chunk`` positions of T at a time.
+def _ce_sum_vocab_slice(h: jax.Array, w: jax.Array, targets: jax.Array, vocab: int) -> jax.Array:
+    """``_ce_sum`` inside the shard_map: this device's slice ``w`` of the (padded) table."""
+    z = jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    rows = w.shape[0]
+    if rows * jax.lax.axis_size("fsdp") > vocab:
+        z = jnp.where(jax.lax.axis_index("fsdp") * rows + jnp.arange(rows) < vocab, z, -jnp.inf)
+    m = jax.lax.pmax(jax.lax.stop_gradient(z.max(-1)), "fsdp")
+    lse = jnp.log(jax.lax.psum(jnp.exp(z - m[..., None]).sum(-1), "fsdp")) + m
+    j, hit = _local_rows(targets, rows)
+    gold = jax.lax.psum(jnp.where(hit, jnp.take_along_axis(z, j[..., None], axis=-1)[..., 0], 0.0), "fsdp")
+    return jnp.sum(lse - gold)
 
-    Each chunk's float32 logits (B, chunk, vocab) are made, reduced and, in the
-    backward pass, made again (``jax.checkpoint``), so the (B, T, vocab) logits
-    never exist at once. ``chunk`` 0 (or >= T): one piece.
-    """
+
+def _chunked_sum(piece: Callable, h: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
     B, T, D = h.shape
     if chunk <= 0 or chunk >= T:
-        return _ce_sum(h, wte, targets)
+        return piece(h, targets)
     if T % chunk:
         raise ValueError(f"loss_chunk {chunk} does not divide the sequence length {T}")
     n = T // chunk
     hs = h.reshape(B, n, chunk, D).swapaxes(0, 1)
     ys = targets.reshape(B, n, chunk).swapaxes(0, 1)
-    piece = jax.checkpoint(_ce_sum, prevent_cse=False)
-    total, _ = jax.lax.scan(lambda acc, hy: (acc + piece(hy[0], wte, hy[1]), None), jnp.zeros((), jnp.float32), (hs, ys))
-    return total
+    piece = jax.checkpoint(piece, prevent_cse=False)
+    _, sums = jax.lax.scan(lambda carry, hy: (carry, piece(*hy)), None, (hs, ys))
+    return sums.sum()
+
+
+def cross_entropy_sum(h: jax.Array, wte: jax.Array, targets: jax.Array, chunk: int = 0) -> jax.Array:
+    """Summed cross-entropy of the tied output layer, ``chunk`` positions of T at a time.
+
+    Each chunk's float32 logits (B, chunk, vocab) are made, reduced and, in the
+    backward pass, made again (``jax.checkpoint``), so the (B, T, vocab) logits
+    never exist at once. ``chunk`` 0 (or >= T): one piece. Under a mesh each
+    device makes the logits of its fsdp group's positions for its slice of the
+    vocabulary, and the log-sum-exp is summed over the group.
+    """
+    mesh = active_mesh()
+    if not _vocab_parallel(mesh, h.shape[0]):
+        return _chunked_sum(lambda h, y: _ce_sum(h, wte, y), h, targets, chunk)
+    vocab = wte.shape[0]
+
+    def local(h, w, y):
+        def piece(h, y):  # one chunk of positions, gathered from the whole fsdp group
+            gather = lambda a: jax.lax.all_gather(a, "fsdp", axis=0, tiled=True)  # noqa: E731
+            return _ce_sum_vocab_slice(gather(h), w, gather(y), vocab)
+
+        return jax.lax.psum(_chunked_sum(piece, h, y, chunk), "data")
+
+    split = jax.shard_map(local, in_specs=(P(BATCH, None, None), P("fsdp", None), P(BATCH, None)), out_specs=P())
+    return split(h, _split_vocab(wte, mesh), targets)

@@ -19,6 +19,7 @@ upper bound for GPUs and TPUs. The compile runs with
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -30,6 +31,9 @@ from pathlib import Path
 from model.config import GPT3_PRESETS, PRESETS, preset
 
 SPECS_PATH = Path(__file__).with_name("tpu_specs.json")
+# `make test` installs libtpu here, outside site-packages: importable from there, JAX on a
+# machine without TPUs would try (and noisily fail) to start it in every process.
+LIBTPU_DIR = Path(sys.prefix) / "libtpu"
 GPT3_VOCAB = 50257
 
 
@@ -39,15 +43,18 @@ class Recipe:
     grad_accum: int
     remat: str = "none"
     optimizer: str = "adamw"
-    bf16_moments: bool = False
+    moments: str = "float32"
     compute_dtype: str = "float32"
     loss_chunk: int = 0
     attn_chunk: int = 0
+    grad_dtype: str = "float32"
 
     def describe(self) -> str:
-        opt = self.optimizer + (" (bf16 moments)" if self.optimizer == "adamw" and self.bf16_moments else "")
+        lean_moments = self.optimizer == "adamw" and self.moments != "float32"
+        opt = self.optimizer + (f" ({self.moments} moments)" if lean_moments else "")
+        grads = f", {self.grad_dtype} gradients" if self.grad_dtype != "float32" else ""
         return (
-            f"{opt}, remat {self.remat}, {self.compute_dtype} compute, micro-batch {self.micro_batch} x "
+            f"{opt}, remat {self.remat}, {self.compute_dtype} compute{grads}, micro-batch {self.micro_batch} x "
             f"grad_accum {self.grad_accum}, loss_chunk {self.loss_chunk}, attn_chunk {self.attn_chunk}"
         )
 
@@ -82,6 +89,15 @@ def tpu_slice(name: str) -> dict:
     }
 
 
+def tpu_topology(name: str) -> str:
+    """``v3-8`` -> the topology name the XLA TPU compiler takes (``v3:2x2``)."""
+    tpu_slice(name)
+    topologies = tpu_specs()["topologies"]
+    if name.strip().lower() not in topologies:
+        raise ValueError(f"no TPU topology is known for {name!r}; --compiler tpu knows {', '.join(topologies)}")
+    return topologies[name.strip().lower()]
+
+
 def cheaper(recipe: Recipe, seq_len: int) -> list[Recipe]:
     """The ladder tried when ``recipe`` does not fit; each step keeps the ones before it.
 
@@ -101,11 +117,14 @@ def cheaper(recipe: Recipe, seq_len: int) -> list[Recipe]:
     step(remat="full")
     step(compute_dtype="bfloat16")
     step(loss_chunk=r.loss_chunk or _divisor(seq_len, 256), attn_chunk=r.attn_chunk or _divisor(seq_len, 512))
-    if r.optimizer == "adamw":
-        step(bf16_moments=True)
+    if r.optimizer == "adamw" and r.moments == "float32":
+        step(moments="bfloat16")
     while r.micro_batch > 1 and r.micro_batch % 2 == 0:
         step(micro_batch=r.micro_batch // 2, grad_accum=r.grad_accum * 2)
-    step(optimizer="adafactor", bf16_moments=False)
+    step(grad_dtype="bfloat16")
+    if r.optimizer == "adamw":
+        step(moments="int8")
+    step(optimizer="adafactor", moments="float32")
     return out
 
 
@@ -125,10 +144,16 @@ def _compile(job: dict) -> dict:
     cfg = preset(job["preset"], vocab_size=job["vocab"], seq_len=job["context"])
     r = Recipe(**job["recipe"])
     settings = step.OptimSettings(
-        optimizer=r.optimizer, bf16_moments=r.bf16_moments, grad_accum=r.grad_accum, remat=r.remat,
+        optimizer=r.optimizer, moments=r.moments, grad_dtype=r.grad_dtype, grad_accum=r.grad_accum, remat=r.remat,
         compute_dtype=r.compute_dtype, loss_chunk=r.loss_chunk, attn_chunk=r.attn_chunk,
     )
-    mesh = sharding.make_mesh(**job["mesh"])
+    if job.get("topology"):
+        from jax.experimental import topologies
+
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=job["topology"]).devices
+        mesh = sharding.make_mesh(**job["mesh"], devices=devices)
+    else:
+        mesh = sharding.make_mesh(**job["mesh"])
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = r.micro_batch * replicas * r.grad_accum
     step.check_batch(cfg, settings, mesh, batch, job["seq_len"])
@@ -138,9 +163,19 @@ def _compile(job: dict) -> dict:
         (r.grad_accum, r.micro_batch * replicas, job["seq_len"]), jnp.int32, sharding=sharding.batch_sharding(mesh, 3)
     )
     with jax.set_mesh(mesh):
-        compiled = step.jitted_step.lower(graphdef, state, tokens, tokens).compile()
+        lowered = step.jitted_step.lower(graphdef, state, tokens, tokens)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # The TPU compiler refuses a program that does not fit its HBM.
+            return {"out_of_memory": str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0],
+                    "compile_s": round(time.monotonic() - start, 1), "batch_sequences": batch}
     m = compiled.memory_analysis()
     peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    if job.get("topology"):
+        peak = m.peak_memory_in_bytes  # the TPU compiler's own figure; the sum above counts buffers it reuses
     return {
         "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
         "alias_bytes": m.alias_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
@@ -155,7 +190,7 @@ def _child() -> None:
     for job in jobs:
         try:
             result = {"recipe": job["recipe"], **_compile(job)}
-            result["fits"] = result["peak_bytes"] <= job["limit_bytes"]
+            result["fits"] = "out_of_memory" not in result and result["peak_bytes"] <= job["limit_bytes"]
         except ValueError as e:
             result = {"recipe": job["recipe"], "error": str(e), "fits": False}
         print(json.dumps(result), flush=True)
@@ -163,10 +198,19 @@ def _child() -> None:
             return
 
 
+def _libtpu_path() -> str | None:
+    """'' when libtpu is importable as installed, ``LIBTPU_DIR`` when it is there, else None."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return ""
+    return str(LIBTPU_DIR) if (LIBTPU_DIR / "libtpu").is_dir() else None
+
+
 def compile_recipes(jobs: list[dict], devices: int, timeout_s: float = 1800) -> list[dict]:
     """Run ``_child`` with ``devices`` simulated CPU devices; one result per recipe tried."""
     env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_PLATFORMS"] = "cpu"  # the TPU compiler needs no TPU backend
+    if any(job.get("topology") for job in jobs) and _libtpu_path():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_libtpu_path(), env.get("PYTHONPATH")]))
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     # Without region analysis XLA:CPU copies every same-shaped array carried through the
     # per-layer optimizer loop (a parameter-sized copy per AdamW moment).
@@ -185,13 +229,33 @@ def compile_recipes(jobs: list[dict], devices: int, timeout_s: float = 1800) -> 
 
 def plan(
     preset_name: str, devices: int, device_memory: int, mesh: dict[str, int], *, micro_batch: int = 1,
-    grad_accum: int | None = None, remat: str = "none", optimizer: str = "adamw", bf16_moments: bool = False,
-    compute_dtype: str = "float32", loss_chunk: int = 0, attn_chunk: int = 0, seq_len: int | None = None,
+    grad_accum: int | None = None, remat: str = "none", optimizer: str = "adamw", moments: str = "float32",
+    grad_dtype: str = "float32", compute_dtype: str = "float32", loss_chunk: int = 0, attn_chunk: int = 0,
+    seq_len: int | None = None,
     vocab: int = GPT3_VOCAB, batch_tokens: int | None = None, headroom: float = 0.05, mfu: float = 0.4,
     tokens: float = 300e9, tpu: str | None = None, peak_tflops: float | None = None, try_cheaper: bool = True,
+    compiler: str = "cpu",
 ) -> dict:
-    """The report for one setup (a dict; ``format_report`` prints it)."""
+    """The report for one setup (a dict; ``format_report`` prints it).
+
+    ``compiler``: ``cpu`` compiles with XLA:CPU for ``devices`` simulated CPU
+    devices; ``tpu`` with the XLA TPU compiler of libtpu for the ``tpu``
+    slice's topology, which needs no TPU (MaxText's ahead-of-time compile).
+    """
     from model import step
+
+    topology = None
+    if compiler == "tpu":
+        if not tpu:
+            raise ValueError("--compiler tpu plans for a TPU slice: give --tpu (e.g. v3-8)")
+        topology = tpu_topology(tpu)
+        if _libtpu_path() is None:
+            raise ValueError(
+                f"--compiler tpu needs libtpu, the version jax[tpu] pins, importable or in {LIBTPU_DIR} "
+                "(`make libtpu` puts it there)"
+            )
+    elif compiler != "cpu":
+        raise ValueError(f"unknown compiler {compiler!r}: cpu or tpu")
 
     key = preset_name.lower()
     if key not in PRESETS:
@@ -204,9 +268,12 @@ def plan(
     batch_tokens = batch_tokens or PRESETS[key][3]
     if grad_accum is None:
         grad_accum = max(1, round(batch_tokens / (T * micro_batch * replicas)))
-    recipe = Recipe(micro_batch, grad_accum, remat, optimizer, bf16_moments, compute_dtype, loss_chunk, attn_chunk)
+    recipe = Recipe(
+        micro_batch, grad_accum, remat=remat, optimizer=optimizer, moments=moments, compute_dtype=compute_dtype,
+        loss_chunk=loss_chunk, attn_chunk=attn_chunk, grad_dtype=grad_dtype,
+    )
     settings = step.OptimSettings(
-        optimizer=optimizer, bf16_moments=bf16_moments, grad_accum=grad_accum, remat=remat,
+        optimizer=optimizer, moments=moments, grad_dtype=grad_dtype, grad_accum=grad_accum, remat=remat,
         compute_dtype=compute_dtype, loss_chunk=loss_chunk, attn_chunk=attn_chunk,
     )
     step.check_config(cfg, settings, mesh)
@@ -215,7 +282,7 @@ def plan(
     ladder = [recipe, *(cheaper(recipe, T) if try_cheaper else [])]
     jobs = [
         {"preset": key, "vocab": vocab, "context": cfg.seq_len, "seq_len": T, "mesh": mesh,
-         "recipe": dataclasses.asdict(r), "limit_bytes": limit}
+         "recipe": dataclasses.asdict(r), "limit_bytes": limit, "topology": topology}
         for r in ladder
     ]
     tried = compile_recipes(jobs, devices)
@@ -225,6 +292,7 @@ def plan(
     total_flops = fpt * tokens
     report = {
         "preset": key, "params": cfg.n_params(), "vocab": vocab, "seq_len": T, "devices": devices, "mesh": mesh,
+        "compiler": compiler, "topology": topology,
         "device_memory_bytes": device_memory, "headroom": headroom, "limit_bytes": limit,
         "requested": tried[0], "fits": tried[0]["fits"], "first_fit": fitting, "tried": tried,
         "flops_per_token": fpt, "tokens": tokens, "total_flops": total_flops, "mfu": mfu,
@@ -264,6 +332,10 @@ def format_report(r: dict) -> str:
         f"{r['devices']} device(s) of {r['device_memory_bytes'] / 2**30:.1f} GiB, mesh "
         + " ".join(f"{k}={v}" for k, v in r["mesh"].items()),
         f"limit per device: {_gb(r['limit_bytes'])} ({r['headroom']:.0%} headroom)",
+        "compiled by: " + (
+            f"the XLA TPU compiler (libtpu) for topology {r['topology']}, peak from its buffer assignment"
+            if r.get("compiler") == "tpu" else f"XLA:CPU, simulating {r['devices']} device(s)"
+        ),
         "",
     ]
     for t in r["tried"]:
@@ -271,11 +343,19 @@ def format_report(r: dict) -> str:
         if "error" in t:
             lines.append(f"- {recipe.describe()}\n    rejected: {t['error']}")
             continue
+        if "out_of_memory" in t:
+            lines.append(f"- {recipe.describe()}\n    does not fit, says the compiler: {t['out_of_memory']}")
+            continue
         verdict = "FITS" if t["fits"] else "does not fit"
+        parts = (
+            f"arguments {_gb(t['argument_bytes'])}, temporaries {_gb(t['temp_bytes'])}, peak"
+            if r.get("compiler") == "tpu" else
+            f"arguments {_gb(t['argument_bytes'])} + temporaries {_gb(t['temp_bytes'])} + outputs "
+            f"{_gb(t['output_bytes'])} - aliased {_gb(t['alias_bytes'])} ="
+        )
         lines.append(
             f"- {recipe.describe()}\n"
-            f"    per device: arguments {_gb(t['argument_bytes'])} + temporaries {_gb(t['temp_bytes'])} + outputs "
-            f"{_gb(t['output_bytes'])} - aliased {_gb(t['alias_bytes'])} = {_gb(t['peak_bytes'])} "
+            f"    per device: {parts} {_gb(t['peak_bytes'])} "
             f"({t['peak_bytes'] / r['device_memory_bytes']:.0%} of the device): {verdict} "
             f"[{t['batch_sequences']} sequences per step, compiled in {t['compile_s']} s]"
         )

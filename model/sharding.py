@@ -131,18 +131,24 @@ def shard_batch(mesh: Mesh, array) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def active_mesh():
+    """The (data, fsdp, tensor) mesh of the enclosing ``jax.set_mesh``, or None outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or set(mesh.axis_names) != set(AXES) else mesh
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Pin an activation's split inside jit; a no-op outside a ``jax.set_mesh`` context."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or set(mesh.axis_names) != set(AXES):
+    mesh = active_mesh()
+    if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, spec_for(logical, x.shape, mesh))
 
 
 def constrain_state(state):
     """Pin every Variable of an nnx state inside jit to the split ``state_shardings`` gives it."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or set(mesh.axis_names) != set(AXES):
+    mesh = active_mesh()
+    if mesh is None:
         return state
 
     def one(x):

@@ -29,9 +29,10 @@ def test_cheaper_recipes_keep_the_global_batch():
     assert [r.remat for r in ladder[:2]] == ["dots_saveable", "full"]
     assert ladder[2].compute_dtype == "bfloat16"
     assert (ladder[3].loss_chunk, ladder[3].attn_chunk) == (256, 512)
-    assert ladder[4].bf16_moments
+    assert ladder[4].moments == "bfloat16"
     assert all(r.micro_batch * r.grad_accum == 8 for r in ladder)
-    assert ladder[-1].optimizer == "adafactor" and ladder[-2].micro_batch == 1
+    assert (ladder[-3].micro_batch, ladder[-3].grad_dtype, ladder[-2].moments) == (1, "bfloat16", "int8")
+    assert ladder[-1].optimizer == "adafactor" and ladder[-1].moments == "float32"
 
 
 def test_a_setup_that_does_not_fit_gets_the_first_cheaper_recipe_that_does():
@@ -67,12 +68,12 @@ def test_gpt3_2_7b_fits_one_24gib_device_with_the_lean_recipe():
     assert report["requested"]["argument_bytes"] == pytest.approx(4 * params, rel=0.01)  # float32 weights
 
 
-def test_gpt3_13b_adamw_on_eight_16gib_devices_is_split_eight_ways_but_does_not_fit():
+def test_gpt3_13b_adamw_on_eight_16gib_devices_is_split_eight_ways_but_needs_lean_state():
     """FSDP=8 divides weights and moments by 8, but AdamW with float32 weights and gradients needs
     at least 4 + 4 + 2 + 2 bytes per parameter even with bfloat16 moments: 19.3 GB of 17.2."""
     report = plan.plan(
         "13b", 8, plan.tpu_slice("v3-8")["device_memory"], {"data": 1, "fsdp": 8, "tensor": 1}, micro_batch=1,
-        remat="full", optimizer="adamw", bf16_moments=True, compute_dtype="bfloat16", loss_chunk=256,
+        remat="full", optimizer="adamw", moments="bfloat16", compute_dtype="bfloat16", loss_chunk=256,
         attn_chunk=512, tpu="v3-8", try_cheaper=False,
     )
     params = preset("13b", vocab_size=50257).n_params()
@@ -80,3 +81,30 @@ def test_gpt3_13b_adamw_on_eight_16gib_devices_is_split_eight_ways_but_does_not_
     assert (4 + 4 + 2 + 2) * params / 8 > report["device_memory_bytes"]
     assert not report["fits"]
     assert report["tpu"][0]["type"] == "v3" and report["tpu"][0]["chips"] == 4
+
+
+def test_gpt3_13b_adamw_fits_a_tpu_v3_8_with_fsdp_says_the_tpu_compiler():
+    """docs/training.md's recipe: float32 weights, AdamW with 8-bit moments, bfloat16 gradients,
+    full remat, bfloat16 compute, chunked loss and attention, GPT-3's 2M-token batch; compiled by
+    libtpu's XLA TPU compiler for a v3-8 topology (8 TensorCores of 16 GiB), no TPU needed."""
+    v3 = plan.tpu_slice("v3-8")
+    report = plan.plan(
+        "13b", 8, v3["device_memory"], {"data": 1, "fsdp": 8, "tensor": 1}, micro_batch=1, remat="full",
+        optimizer="adamw", moments="int8", grad_dtype="bfloat16", compute_dtype="bfloat16", loss_chunk=256,
+        attn_chunk=512, tpu="v3-8", compiler="tpu", try_cheaper=False,
+    )
+    assert report["fits"], plan.format_report(report)
+    assert report["topology"] == "v3:2x2" and report["batch_tokens"] == 976 * 2048
+    params = preset("13b", vocab_size=50257).n_params()
+    assert report["requested"]["argument_bytes"] == pytest.approx((4 + 1 + 1) * params / 8, rel=0.02)
+    assert "the XLA TPU compiler (libtpu) for topology v3:2x2" in plan.format_report(report)
+
+
+def test_the_tpu_compiler_needs_a_known_slice_and_libtpu(monkeypatch):
+    with pytest.raises(ValueError, match="give --tpu"):
+        plan.plan("tiny", 1, 2**30, ONE, vocab=256, compiler="tpu")
+    with pytest.raises(ValueError, match="no TPU topology is known for 'v4-64'"):
+        plan.plan("tiny", 32, 2**30, {"data": 1, "fsdp": 32, "tensor": 1}, vocab=256, compiler="tpu", tpu="v4-64")
+    monkeypatch.setattr(plan, "_libtpu_path", lambda: None)
+    with pytest.raises(ValueError, match="needs libtpu"):
+        plan.plan("tiny", 8, 2**30, {"data": 1, "fsdp": 8, "tensor": 1}, vocab=256, compiler="tpu", tpu="v3-8")
