@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from itertools import islice
@@ -178,6 +179,22 @@ def sample_texts(texts: Iterable[str], sample_chars: int) -> Iterator[str]:
         budget -= len(t)
 
 
+def _alphabet(texts: list[str], limit: int) -> list[str]:
+    """The ``limit`` most frequent characters, ties broken by code point.
+
+    At most 3/4 of the ids go to single characters, so some are left for
+    merges; the rarest characters beyond that are spelled by byte fallback.
+    The trainer's own ``limit_alphabet`` breaks ties between equally frequent
+    characters in a hash map's order, so the same text gave a different
+    vocabulary from run to run; given this list as its whole alphabet, it
+    is reproducible.
+    """
+    counts: Counter[str] = Counter()
+    for t in texts:
+        counts.update(t)
+    return sorted(counts, key=lambda c: (-counts[c], c))[:limit]
+
+
 def train(texts: Iterable[str], settings: EncoderSettings, tokenizer_id: str = "") -> Encoder:
     """Train a BPE encoder on ``texts`` (cut at ``settings.sample_chars`` characters)."""
     added = SPECIAL_TOKENS + (RESERVED_TAGS if settings.reserved_tags else [])
@@ -193,17 +210,18 @@ def train(texts: Iterable[str], settings: EncoderSettings, tokenizer_id: str = "
 
     tok = build_tokenizer()
     room = settings.vocab_size - len(BYTE_TOKENS)  # the byte tokens are added after training
+    texts = list(sample())  # read twice: the alphabet, then the merges
+    alphabet = _alphabet(texts, max(1, (room - len(added)) * 3 // 4))
     trainer = trainers.BpeTrainer(
         vocab_size=room,
         min_frequency=settings.min_frequency,
         special_tokens=added,  # ids 0.. in this order, counted in vocab_size
-        # At most 3/4 of the ids go to single characters, so some are left for merges;
-        # the rarest characters beyond that are spelled by byte fallback.
-        limit_alphabet=max(1, (room - len(added)) * 3 // 4),
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
         max_token_length=settings.max_token_length,
         show_progress=False,
     )
-    tok.train_from_iterator(sample(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     data = json.loads(tok.to_str())
     learned = sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1])
     order = added + BYTE_TOKENS + [t for t, _ in learned if t not in added and t not in BYTE_TOKENS]

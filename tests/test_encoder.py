@@ -142,3 +142,22 @@ def test_digits_are_split_and_japanese_merges(encoder):
     pieces = [encoder.decode([i]) for i in encoder.encode("2026年")]
     assert pieces[:4] == ["2", "0", "2", "6"]
     assert len(encoder.encode("今日はとても良い天気ですね")) < len("今日はとても良い天気ですね")
+
+
+def test_the_same_text_trains_the_same_tokenizer_in_any_process():
+    """The trainer's own alphabet limit broke ties between equally frequent characters in a hash
+    map's order, which differs between processes: the vocabulary changed from run to run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import hashlib; from encoder.bpe import EncoderSettings, train; from tests.test_encoder import TEXTS; "
+        "print(hashlib.sha256(train(TEXTS, EncoderSettings(vocab_size=300)).to_json().encode()).hexdigest())"
+    )
+    root = Path(__file__).resolve().parents[1]
+    digests = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True).stdout
+        for _ in range(3)
+    }
+    assert len(digests) == 1
