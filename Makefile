@@ -18,8 +18,9 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/jagpt pipeline
 
+# One pytest worker per core; a test file stays on one worker, so its module fixtures run once.
 test: install chromium libtpu
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile
 
 # The planner's TPU compile (`jagpt plan --compiler tpu`) needs libtpu, the version the
 # installed jax[tpu] pins. It goes in its own folder, not site-packages: the planner puts it

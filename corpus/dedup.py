@@ -61,8 +61,6 @@ from corpus.storage import Storage
 
 log = logging.getLogger(__name__)
 
-_MASK32 = np.uint64(0xFFFFFFFF)
-
 BANDS = pa.schema([("band", pa.int16()), ("hash", pa.int64()), ("doc_id", pa.string())])
 EXACT = pa.schema([("text_hash", pa.binary(16)), ("doc_id", pa.string()), ("kept_doc_id", pa.string())])
 
@@ -100,33 +98,22 @@ def _permutations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def shingle_hashes(text: str, k: int) -> np.ndarray:
-    """Distinct 32-bit hashes of the character k-grams of ``text`` (vectorized)."""
-    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+def minhash(text: str, settings: DedupSettings) -> np.ndarray:
+    """The MinHash signature (bands * rows 32-bit values) of ``text``.
+
+    Each character k-gram is hashed to 32 bits (a polynomial rolling hash,
+    folded); each permutation is multiply-shift hashing, ``(a*x + b) mod
+    2**64``, top 32 bits, taken once on the minimum since the shift is
+    monotonic. Repeated k-grams change no minimum, so they are not removed.
+    """
+    from corpus.kernels import minhash_mins
+
+    a, b = _permutations(settings.bands * settings.rows, settings.seed)
+    k = settings.shingle_chars
+    codes = np.frombuffer(text[: settings.max_chars].encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
     if len(codes) < k:
         codes = np.pad(codes, (0, k - len(codes)))
-    n = len(codes) - k + 1
-    h = codes[:n].copy()
-    for i in range(1, k):  # polynomial rolling hash, wrapping mod 2**64 (in place: no new arrays)
-        h *= np.uint64(0x100000001B3)
-        h += codes[i : n + i]
-    h ^= h >> np.uint64(29)
-    h &= _MASK32
-    return np.unique(h)
-
-
-def minhash(text: str, settings: DedupSettings) -> np.ndarray:
-    """The MinHash signature (bands * rows 32-bit values) of ``text``."""
-    a, b = _permutations(settings.bands * settings.rows, settings.seed)
-    x = shingle_hashes(text[: settings.max_chars], settings.shingle_chars)
-    low = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
-    for start in range(0, len(x), 4096):  # bounded memory on huge documents
-        # multiply-shift hashing: (a*x + b) mod 2**64, top 32 bits. The shift is
-        # monotonic, so it is taken once, on the minimum.
-        hv = np.multiply.outer(a, x[start : start + 4096])
-        hv += b[:, None]
-        np.minimum(low, hv.min(axis=1), out=low)
-    return (low >> np.uint64(32)).astype(np.uint32)
+    return minhash_mins(codes, k, a, b)
 
 
 def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:

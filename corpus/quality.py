@@ -5,8 +5,7 @@ sentences trailing off, NG words and the zlib compression ratio. DuckDB
 computes the character-class ratios and sentence lengths (see corpus/clean.py);
 the thresholds for both live in :class:`corpus.clean.CleanSettings`.
 
-Character n-grams are hashed with numpy, so a document costs a few sorts of
-its length rather than a Python loop per character.
+Character n-grams are counted by compiled loops (corpus/kernels.py).
 """
 
 from __future__ import annotations
@@ -19,11 +18,10 @@ from importlib import resources
 import numpy as np
 
 TOP_NGRAMS = (2, 3, 4)
-DUP_NGRAMS = (5, 6, 7, 8, 9, 10)
+DUP_NGRAMS = (5, 6, 7, 8, 9, 10)  # contiguous after TOP_NGRAMS, as corpus.kernels.ngram_stats counts them
 # A closing bracket after the full stop belongs to the sentence: 「はい。」
 _SENTENCE = re.compile(r"[^。！？!?\n]+[。！？!?]*[」』）)]*")
 _TRAILING_OFF = re.compile(r"(?:\.{2,}|…|‥|・)\s*[。！？!?]*[」』）)]*$")
-_PRIME = np.uint64(0x100000001B3)
 
 
 def _duplicates(items: list[str]) -> tuple[float, float]:
@@ -42,53 +40,21 @@ def _duplicates(items: list[str]) -> tuple[float, float]:
     return dup_items / len(items), dup_chars / max(total_chars, 1)
 
 
-def _repeat_positions(h: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Among ``candidates`` (positions), those whose hash equals an earlier one's,
-    and those whose hash occurs more than once at all."""
-    values = h[candidates]
-    order = np.argsort(values, kind="stable")  # stable: earlier positions first among equals
-    ordered = values[order]
-    same_as_previous = np.empty(len(ordered), dtype=bool)
-    same_as_previous[:1] = False
-    np.not_equal(ordered[1:], ordered[:-1], out=same_as_previous[1:])
-    np.logical_not(same_as_previous[1:], out=same_as_previous[1:])
-    repeated = same_as_previous.copy()
-    repeated[:-1] |= same_as_previous[1:]
-    return np.sort(candidates[order[same_as_previous]]), np.sort(candidates[order[repeated]])
-
-
 def ngram_signals(text: str) -> dict[str, float]:
     """top_<n>gram (n = 2..4): the most frequent n-gram's share of characters;
     dup_<n>gram (n = 5..10): share of characters inside n-grams that repeat an
     earlier occurrence (first occurrences are not counted).
 
-    An n-gram can only repeat where its (n-1)-gram prefix occurs more than
-    once, so each longer n looks only at those positions.
+    N-grams are compared by a 64-bit polynomial hash of their code points. The
+    loops are compiled (:func:`corpus.kernels.ngram_stats`).
     """
-    out = {f"top_{n}gram": 0.0 for n in TOP_NGRAMS} | {f"dup_{n}gram": 0.0 for n in DUP_NGRAMS}
-    length = len(text)
-    if length == 0:
-        return out
+    from corpus.kernels import ngram_stats
+
+    names = [f"top_{n}gram" for n in TOP_NGRAMS] + [f"dup_{n}gram" for n in DUP_NGRAMS]
+    if not text:
+        return dict.fromkeys(names, 0.0)
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
-    h = codes
-    candidates = None
-    for n in range(2, max(DUP_NGRAMS) + 1):
-        if n > length:
-            break
-        h = h[:-1] * _PRIME + codes[n - 1 :]
-        if n in TOP_NGRAMS:
-            counts = np.unique(h, return_counts=True)[1]
-            out[f"top_{n}gram"] = float(counts.max()) * n / length
-        if n >= min(DUP_NGRAMS):
-            positions = np.arange(len(h)) if candidates is None else candidates[candidates < len(h)]
-            repeats, candidates = _repeat_positions(h, positions)
-            if len(repeats) == 0:
-                break
-            cover = np.zeros(length + 1, dtype=np.int32)
-            cover[repeats] += 1
-            cover[repeats + n] -= 1
-            out[f"dup_{n}gram"] = float(np.count_nonzero(np.cumsum(cover[:length]))) / length
-    return out
+    return dict(zip(names, ngram_stats(codes, max(TOP_NGRAMS), max(DUP_NGRAMS)).tolist()))
 
 
 @lru_cache(maxsize=8)

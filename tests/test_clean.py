@@ -1,11 +1,14 @@
 """The Japanese quality rules: each with a document that passes and one that fails."""
 
 import json
+from collections import Counter
 import random
 from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
 import pytest
+import hypothesis
+from hypothesis import given, strategies as st
 
 from corpus.clean import RULES, CleanSettings, Thresholds, clean
 from corpus.normalize import normalize
@@ -188,6 +191,31 @@ def test_ngram_signals_measure_repetition():
     repeated = ngram_signals("0123456789" * 2)
     assert repeated["dup_10gram"] == pytest.approx(0.5)  # the second copy repeats the first
     assert signals(PROSE, None)["dup_5gram"] < 0.15
+
+
+def _ngram_signals_by_definition(text: str) -> dict[str, float]:
+    """The n-gram signals computed from their definitions, on strings, in plain Python."""
+    out = {}
+    for n in (2, 3, 4):
+        grams = Counter(text[i : i + n] for i in range(len(text) - n + 1))
+        out[f"top_{n}gram"] = max(grams.values()) * n / len(text) if grams else 0.0
+    for n in range(5, 11):
+        seen, covered = set(), set()
+        for i in range(len(text) - n + 1):
+            if text[i : i + n] in seen:
+                covered.update(range(i, i + n))
+            seen.add(text[i : i + n])
+        out[f"dup_{n}gram"] = len(covered) / len(text) if text else 0.0
+    return out
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(["a", "ab", "あいう", "abcab", "𠮷", "\n", "あいうえおか"]), max_size=40).map("".join)
+    | st.text(max_size=60)
+)
+def test_compiled_ngram_signals_match_their_definition(text):
+    assert ngram_signals(text) == pytest.approx(_ngram_signals_by_definition(text))
 
 
 def test_worker_processes_give_the_same_result_as_one_process(tmp_path, monkeypatch):

@@ -17,6 +17,8 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pyarrow as pa
 import pytest
+import hypothesis
+from hypothesis import given, strategies as st
 
 from corpus.dedup import (
     BANDS,
@@ -58,6 +60,29 @@ def test_minhash_is_deterministic_and_bounded_for_huge_documents():
     assert (minhash(big, s) == minhash(big[:10_000], s)).all()
     text = "".join(ALPHABET[i % 97] for i in range(500))
     assert (minhash(text, s) == minhash(text, s)).all() and minhash(text, s).dtype == np.uint32
+
+
+def _minhash_by_definition(text: str, s: DedupSettings) -> list[int]:
+    """corpus.dedup.minhash's hashing, written out with Python integers."""
+    from corpus.dedup import _permutations
+
+    k, m64 = s.shingle_chars, 2**64 - 1
+    codes = [ord(c) for c in text] + [0] * max(0, k - len(text))
+    shingles = set()
+    for i in range(len(codes) - k + 1):
+        x = 0
+        for c in codes[i : i + k]:
+            x = (x * 0x100000001B3 + c) & m64
+        shingles.add((x ^ (x >> 29)) & 0xFFFFFFFF)
+    a, b = _permutations(s.bands * s.rows, s.seed)
+    return [min(((int(aj) * x + int(bj)) & m64) for x in shingles) >> 32 for aj, bj in zip(a, b)]
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@given(st.text(max_size=40))
+def test_compiled_minhash_matches_its_definition(text):
+    s = DedupSettings(bands=3, rows=2)
+    assert minhash(text, s).tolist() == _minhash_by_definition(text, s)
 
 
 # -- planted pairs -------------------------------------------------------------
