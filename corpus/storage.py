@@ -145,8 +145,13 @@ class Storage:
 
     # -- writing (atomic) -------------------------------------------------
     @contextmanager
-    def open_atomic(self, rel: str) -> Iterator[io.BufferedWriter]:
-        """Open ``rel`` for binary writing; it appears whole on success, never otherwise."""
+    def open_atomic(self, rel: str, exclusive: bool = False) -> Iterator[io.BufferedWriter]:
+        """Open ``rel`` for binary writing; it appears whole on success, never otherwise.
+
+        ``exclusive``: never replace an existing ``rel``; closing raises
+        FileExistsError instead (and nothing is written), even when two
+        writers race.
+        """
         final = self.path(rel)
         if self.is_local:
             os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -156,14 +161,26 @@ class Storage:
                     yield f
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, final)
+                # link fails if the name exists; replace is atomic either way.
+                (os.link if exclusive else os.replace)(tmp, final)
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         else:
             buf = io.BytesIO()
             yield buf  # type: ignore[misc]
-            self.fs.pipe_file(final, buf.getvalue())
+            # One upload, so the object appears whole. mode="create" sends ifGenerationMatch=0:
+            # of two writers, the second gets 412 (FileExistsError) on GCS.
+            self.fs.pipe_file(final, buf.getvalue(), **({"mode": "create"} if exclusive else {}))
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` whole if it does not exist; False (nothing written) if it does."""
+        try:
+            with self.open_atomic(rel, exclusive=True) as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        return True
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         with self.open_atomic(rel) as f:

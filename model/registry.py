@@ -24,7 +24,6 @@ import os
 import subprocess
 import threading
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,33 +67,6 @@ def record_name(run_id: str, step: int) -> str:
     return f"{REGISTRY}/{run_id}-{step}.json"
 
 
-def _create(storage: Storage, rel: str, data: bytes) -> bool:
-    """Write ``rel`` whole if it does not exist; False (nothing written) if it does."""
-    final = storage.path(rel)
-    if storage.is_local:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, final)  # atomic, and fails if the name exists: never replaces a record
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    try:
-        # One upload: the object appears whole. mode="create" sends ifGenerationMatch=0, so of two
-        # writers of the same record the second gets 412 (FileExistsError) on real GCS.
-        storage.fs.pipe_file(final, data, mode="create")
-    except FileExistsError:
-        return False
-    return True
-
-
 def register(storage: Storage, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Store ``record`` (needs run_id and step); returns (record, created).
 
@@ -107,7 +79,7 @@ def register(storage: Storage, record: dict[str, Any]) -> tuple[dict[str, Any], 
         return storage.read_json(rel), False
     full = {"git_commit": git_commit(), **record, "registered_at": registration_time()}
     data = (json.dumps(full, ensure_ascii=False, indent=2, default=str) + "\n").encode("utf-8")
-    if not _create(storage, rel, data):
+    if not storage.create(rel, data):
         return storage.read_json(rel), False
     prefect_artifact(storage, full)
     return full, True

@@ -7,6 +7,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,18 @@ import uuid
 import pytest
 
 BUCKET = "jagpt-test"
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its children; SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 def free_port() -> int:

@@ -39,7 +39,7 @@ from infra.launcher import (
 from infra.launcher.tpu import build_wheel, render_startup_script
 from model import registry
 from model.metrics import read_metrics
-from tests.conftest import BUCKET
+from tests.conftest import BUCKET, stop_process_group
 from tests.test_mixture import NEWS, NOVEL
 from tests.test_shards import write_links
 
@@ -438,7 +438,7 @@ def test_cancelling_the_train_flow_run_deletes_its_tpu(tmp_path, gcs_endpoint, w
 
     from flows.config import default_config_text
     from tests.conftest import free_port
-    from tests.test_prefect_server import PREFECT, POOL, Server, _logs, _start, _stop
+    from tests.test_prefect_server import PREFECT, POOL, Server, _logs, _start
 
     root, options = _root(gcs_endpoint)
     storage = Storage(root, options)
@@ -499,7 +499,7 @@ def test_cancelling_the_train_flow_run_deletes_its_tpu(tmp_path, gcs_endpoint, w
         assert "Flow run was cancelled." in _logs(server, run_id, expect=("Flow run was cancelled.",))
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process_group(proc)
 
 
 def _healthy(api: str) -> bool:

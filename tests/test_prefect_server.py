@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from flows.config import default_config_text
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process_group
 
 pytestmark = pytest.mark.e2e
 
@@ -60,17 +59,6 @@ def _start(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> subpro
         return subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
@@ -104,7 +92,7 @@ def server(tmp_path_factory):
         yield s
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process_group(proc)
 
 
 def _run(server: Server, deployment: str, config: Path, timeout: float = 300):

@@ -36,6 +36,16 @@ def test_failed_write_leaves_nothing(storage):
     assert storage.listdir("x") == []
 
 
+def test_create_never_replaces_an_existing_file(tmp_path):
+    # Local only: on gs:// this is GCS's ifGenerationMatch=0 precondition, which
+    # gcp-storage-emulator does not implement (it overwrites).
+    storage = Storage(str(tmp_path))
+    assert storage.create("records/a.json", b"first") is True
+    assert storage.create("records/a.json", b"second") is False
+    assert storage.read_bytes("records/a.json") == b"first"
+    assert [p for p in storage.listdir("records") if "tmp" in p] == []
+
+
 def test_put_and_get_dir(storage, tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
