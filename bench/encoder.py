@@ -1,10 +1,17 @@
 """Encoder and shards benchmark on a synthetic Japanese corpus.
 
-    .venv/bin/python bench/encoder.py [--train-mb 100] [--shard-mb 100] [--json FILE]
+    .venv/bin/python bench/encoder.py [--train-mb 100] [--shard-mb 100] [--text clauses|sentences] [--json FILE]
 
-1. Generates documents the way ``bench/corpus.py`` does (20-80 real
-   sentences each, a quarter spliced at a comma), as one ``docs.parquet``
-   (the ``DOC`` schema, one corpus link).
+1. Generates documents from the real sentences ``bench/corpus.py`` uses, as
+   one ``docs.parquet`` (the ``DOC`` schema, one corpus link). With
+   ``--text clauses`` (the default) every clause (a run up to its
+   punctuation, which is what the pre-tokenizer hands BPE) is the head of one
+   real clause joined at a random character to the tail of another, so
+   pieces almost never repeat: a worst case for the encoder's word cache and
+   for the trainer's count of distinct pieces, where real text repeats many
+   short pieces. ``--text sentences`` draws whole sentences, as
+   ``bench/corpus.py`` does (pieces repeat nearly always: a best case). The
+   report gives the share of distinct pieces in the encoded text.
 2. Trains jagpt's encoder (default settings, vocabulary 32,000) on the first
    ``--train-mb`` of it, on every core, and times it. The target is a 1 GB
    sample in 10 minutes on 2 cores; smaller runs print a linear estimate.
@@ -23,6 +30,8 @@ import argparse
 import json
 import os
 import random
+import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -46,12 +55,26 @@ TARGET_SHARDS_MB_S_PER_CORE = 10.0
 TARGET_TRAIN_1GB_S = 600.0
 
 
-def generate(storage: Storage, size: int, seed: int) -> tuple[str, list[str]]:
+_CLAUSE = re.compile(r"[^、。！？!?]+[、。！？!?]+")
+
+
+def spliced_clauses(w: Writer) -> list[str]:
+    """20-80 sentences' worth of clauses, each one clause's head and another's tail."""
+    clauses = w.clause_pool
+    out = []
+    for _ in range(w.rng.randint(60, 240)):
+        a, b = w.rng.choice(clauses), w.rng.choice(clauses)
+        out.append(a[: w.rng.randint(1, len(a) - 1)] + b[w.rng.randint(1, len(b) - 1) :])
+    return out
+
+
+def generate(storage: Storage, size: int, seed: int, text: str = "clauses") -> tuple[str, list[str]]:
     """``size`` bytes of documents as ``docs.parquet``; returns its path and the texts."""
     w = Writer(storage, size, 1, seed)
+    w.clause_pool = [c for s in w.pool for c in _CLAUSE.findall(s) if len(c) >= 4]
     texts, nbytes = [], 0
     while nbytes < size:
-        texts.append(w.text(w.sentences()))
+        texts.append(w.text(spliced_clauses(w) if text == "clauses" else w.sentences()))
         nbytes += len(texts[-1].encode("utf-8"))
     rows = [
         {"doc_id": f"{random.Random(i).getrandbits(128):032x}", "url": f"https://a.example/{i}", "source": "a",
@@ -61,6 +84,12 @@ def generate(storage: Storage, size: int, seed: int) -> tuple[str, list[str]]:
     ]
     storage.write_parquet("corpus/docs.parquet", pa.Table.from_pylist(rows, schema=DOC))
     return "corpus/docs.parquet", texts
+
+
+def distinct_piece_share(encoder, texts: list[str]) -> float:
+    """Distinct pre-tokenizer pieces / pieces in ``texts``: how rarely the word cache can help."""
+    pieces = [p for t in texts for p, _ in encoder.tokenizer.pre_tokenizer.pre_tokenize_str(t)]
+    return len(set(pieces)) / max(len(pieces), 1)
 
 
 def take_mb(texts: list[str], mb: float) -> list[str]:
@@ -81,28 +110,33 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-mb", type=float, default=100, help="encoder training sample (target: 1000)")
     ap.add_argument("--shard-mb", type=float, default=100, help="corpus to shard (at least --train-mb)")
+    ap.add_argument("--text", choices=["clauses", "sentences"], default="clauses",
+                    help="clauses: spliced, pieces rarely repeat (default); sentences: whole sentences, pieces repeat")
     ap.add_argument("--seed", type=int, default=20261129)
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="jagpt-bench-encoder-")
-    fig: dict = {"cpus": os.cpu_count()}
+    fig: dict = {"cpus": os.cpu_count(), "text": args.text}
     try:
         storage = Storage(root)
-        docs, texts = generate(storage, int(max(args.train_mb, args.shard_mb, 20) * MB), args.seed)
+        # The encode timing uses 20 MB after the training sample, so it is held-out text.
+        docs, texts = generate(storage, int(max(args.train_mb + 20, args.shard_mb) * MB), args.seed, args.text)
         sample = take_mb(texts, args.train_mb)
         start = time.perf_counter()
         encoder = train(sample, EncoderSettings(vocab_size=32000, sample_chars=10**12), "tok-bench")
         train_s = time.perf_counter() - start
-        fig["train"] = {"mb": utf8_mb(sample), "s": train_s, "estimate_1gb_s": train_s * 1000 / utf8_mb(sample)}
+        fig["train"] = {"mb": utf8_mb(sample), "s": train_s, "estimate_1gb_s": train_s * 1000 / utf8_mb(sample),
+                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        held = take_mb(texts[::-1], 20)
+        held = take_mb(texts[len(sample):], 20)
         start = time.perf_counter()
         ids = [i for b in range(0, len(held), 256) for i in encoder.encode_batch(held[b:b + 256])]
         encode_s = time.perf_counter() - start
         chars = sum(len(t) for t in held)
         fig["encode"] = {"mb": utf8_mb(held), "s": encode_s, "mb_s": utf8_mb(held) / encode_s,
-                         "chars_per_token": chars / sum(len(i) for i in ids)}
+                         "chars_per_token": chars / sum(len(i) for i in ids),
+                         "distinct_piece_share": distinct_piece_share(encoder, take_mb(held, 2))}
 
         fig["shards"] = {"mb": utf8_mb(texts)}
         for workers in (1, 2):
@@ -117,7 +151,9 @@ def main() -> int:
 
     t, e, sh = fig["train"], fig["encode"], fig["shards"]
     one, two = sh["1_process"], sh["2_process"]
-    print(f"train      {t['mb']:.0f} MB in {t['s']:.1f} s on {fig['cpus']} cores; 1 GB linear estimate {t['estimate_1gb_s']:.0f} s")
+    print(f"train      {t['mb']:.0f} MB in {t['s']:.1f} s on {fig['cpus']} cores, peak RSS {t['peak_rss_mb']:.0f} MB "
+          f"(the text included); 1 GB linear estimate {t['estimate_1gb_s']:.0f} s (time grows faster than linearly)")
+    print(f"text       {fig['text']}: {e['distinct_piece_share']:.0%} of the encoded text's pre-tokenizer pieces are distinct")
     print(f"encode     {e['mb_s']:.1f} MB/s on one core ({e['chars_per_token']:.2f} characters per token)")
     print(f"shards     {sh['mb']:.0f} MB: 1 process {one['mb_s']:.1f} MB/s ({one['s']:.1f} s), "
           f"2 processes {two['mb_s']:.1f} MB/s ({two['s']:.1f} s, {two['mb_s'] / one['mb_s']:.2f}x)")
