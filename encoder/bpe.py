@@ -73,7 +73,11 @@ class EncoderSettings(Settings):
     vocab_size: int = Field(default=32000, ge=len(SPECIAL_TOKENS) + len(RESERVED_TAGS) + 256 + 1, le=65536)
     min_frequency: int = Field(default=2, ge=1)
     max_token_length: int = Field(default=16, ge=1, description="characters, as the BPE trainer counts them")
-    sample_chars: int = Field(default=200_000_000, gt=0, description="training text is cut at this many characters")
+    sample_chars: int = Field(
+        default=50_000_000, gt=0,
+        description="training text is cut at this many characters; the trainer needs about 28 bytes of memory "
+        "per byte of varied UTF-8 text (50 million characters: about 5 GB)",
+    )
     reserved_tags: bool = Field(
         default=False,
         description="reserve <URL> <EMAIL> <TEL> <DATE> <PRICE> as single tokens; "
