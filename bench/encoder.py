@@ -58,23 +58,22 @@ TARGET_TRAIN_1GB_S = 600.0
 _CLAUSE = re.compile(r"[^、。！？!?]+[、。！？!?]+")
 
 
-def spliced_clauses(w: Writer) -> list[str]:
+def spliced_clauses(rng: random.Random, clauses: list[str]) -> list[str]:
     """20-80 sentences' worth of clauses, each one clause's head and another's tail."""
-    clauses = w.clause_pool
     out = []
-    for _ in range(w.rng.randint(60, 240)):
-        a, b = w.rng.choice(clauses), w.rng.choice(clauses)
-        out.append(a[: w.rng.randint(1, len(a) - 1)] + b[w.rng.randint(1, len(b) - 1) :])
+    for _ in range(rng.randint(60, 240)):
+        a, b = rng.choice(clauses), rng.choice(clauses)
+        out.append(a[: rng.randint(1, len(a) - 1)] + b[rng.randint(1, len(b) - 1) :])
     return out
 
 
 def generate(storage: Storage, size: int, seed: int, text: str = "clauses") -> tuple[str, list[str]]:
     """``size`` bytes of documents as ``docs.parquet``; returns its path and the texts."""
     w = Writer(storage, size, 1, seed)
-    w.clause_pool = [c for s in w.pool for c in _CLAUSE.findall(s) if len(c) >= 4]
+    clauses = [c for s in w.pool for c in _CLAUSE.findall(s) if len(c) >= 4]
     texts, nbytes = [], 0
     while nbytes < size:
-        texts.append(w.text(spliced_clauses(w) if text == "clauses" else w.sentences()))
+        texts.append(w.text(spliced_clauses(w.rng, clauses) if text == "clauses" else w.sentences()))
         nbytes += len(texts[-1].encode("utf-8"))
     rows = [
         {"doc_id": f"{random.Random(i).getrandbits(128):032x}", "url": f"https://a.example/{i}", "source": "a",

@@ -106,11 +106,11 @@ def minhash(text: str, settings: DedupSettings) -> np.ndarray:
     2**64``, top 32 bits, taken once on the minimum since the shift is
     monotonic. Repeated k-grams change no minimum, so they are not removed.
     """
-    from corpus.kernels import minhash_mins
+    from corpus.kernels import code_points, minhash_mins
 
     a, b = _permutations(settings.bands * settings.rows, settings.seed)
     k = settings.shingle_chars
-    codes = np.frombuffer(text[: settings.max_chars].encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+    codes = code_points(text[: settings.max_chars])
     if len(codes) < k:
         codes = np.pad(codes, (0, k - len(codes)))
     return minhash_mins(codes, k, a, b)

@@ -22,6 +22,11 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 _MASK32 = np.uint64(0xFFFFFFFF)
 
 
+def code_points(text: str) -> np.ndarray:
+    """``text``'s code points as uint64, the kernels' input (lone surrogates kept)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+
+
 @numba.njit(cache=True, nogil=True)
 def _slot(key, shift):
     return np.intp((key * _MIX) >> shift)

@@ -15,7 +15,6 @@ import zlib
 from functools import lru_cache
 from importlib import resources
 
-import numpy as np
 
 TOP_NGRAMS = (2, 3, 4)
 DUP_NGRAMS = (5, 6, 7, 8, 9, 10)  # contiguous after TOP_NGRAMS, as corpus.kernels.ngram_stats counts them
@@ -48,13 +47,12 @@ def ngram_signals(text: str) -> dict[str, float]:
     N-grams are compared by a 64-bit polynomial hash of their code points. The
     loops are compiled (:func:`corpus.kernels.ngram_stats`).
     """
-    from corpus.kernels import ngram_stats
+    from corpus.kernels import code_points, ngram_stats
 
     names = [f"top_{n}gram" for n in TOP_NGRAMS] + [f"dup_{n}gram" for n in DUP_NGRAMS]
     if not text:
         return dict.fromkeys(names, 0.0)
-    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
-    return dict(zip(names, ngram_stats(codes, max(TOP_NGRAMS), max(DUP_NGRAMS)).tolist()))
+    return dict(zip(names, ngram_stats(code_points(text), max(TOP_NGRAMS), max(DUP_NGRAMS)).tolist()))
 
 
 @lru_cache(maxsize=8)

@@ -1,13 +1,13 @@
 """The Japanese quality rules: each with a document that passes and one that fails."""
 
 import json
-from collections import Counter
 import random
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
+import hypothesis
 import pyarrow as pa
 import pytest
-import hypothesis
 from hypothesis import given, strategies as st
 
 from corpus.clean import RULES, CleanSettings, Thresholds, clean

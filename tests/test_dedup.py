@@ -14,10 +14,10 @@ import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 
+import hypothesis
 import numpy as np
 import pyarrow as pa
 import pytest
-import hypothesis
 from hypothesis import given, strategies as st
 
 from corpus.dedup import (
