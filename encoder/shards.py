@@ -104,9 +104,9 @@ def _encode(batch: tuple[list[str], list[str], list[str]]) -> list[np.ndarray]:
     texts, splits, doc_ids = batch
     encoder, dropout = _worker["encoder"], _worker["dropout"]
     out = []
-    for ids, split, doc_id in zip(encoder.encode_batch(texts), splits, doc_ids):
+    for ids, split, doc_id in zip(encoder.encode_arrays(texts), splits, doc_ids):
         if dropout and split == "train":
-            ids = encoder.dropout(ids, dropout, np.random.default_rng([_worker["seed"], int(doc_id[:16], 16)]))
+            ids = encoder.dropout(ids.tolist(), dropout, np.random.default_rng([_worker["seed"], int(doc_id[:16], 16)]))
         out.append(np.asarray(ids, dtype=np.uint32))
     return out
 
