@@ -8,6 +8,9 @@ same held-out documents (cut at ``eval_chars`` characters):
 
 * ``jagpt``: :func:`encoder.bpe.train` with the config's encoder settings (or
   a stored tokenizer, which may have seen the held-out documents);
+* ``tokenizers-library-bpe``: the same design trained and encoded by the
+  tokenizers library (:class:`LibraryBPETokenizer`), which jagpt's compiled
+  trainer and encoder replaced;
 * SentencePiece BPE and unigram, with their default normalizer (NFKC plus
   whitespace folding) and with the identity normalizer; every other setting is
   SentencePiece's default (so no byte fallback: unseen characters become
@@ -28,6 +31,7 @@ and its load: compare rows of one run, not runs.
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from collections import Counter
@@ -125,6 +129,38 @@ class JagptTokenizer(Evaluated):
 
     def decode(self, ids: list[int]) -> str:
         return self.encoder.decode(ids)
+
+
+class LibraryBPETokenizer(JagptTokenizer):
+    """jagpt's encoder design (pieces, alphabet, byte fallback, ids) trained and encoded by the
+    tokenizers library, as jagpt did before its own trainer and encoder (:mod:`encoder.trainer`,
+    :mod:`encoder.kernels`): the row they must match or beat."""
+
+    def __init__(self, texts: Iterable[str], settings: bpe.EncoderSettings):
+        from tokenizers import trainers
+
+        texts = list(texts)
+        added = list(bpe.SPECIAL_TOKENS)
+        room = settings.vocab_size - len(bpe.BYTE_TOKENS)
+        counts: Counter[str] = Counter()
+        for t in texts:
+            counts.update(t)
+        # The library's own limit_alphabet breaks ties in hash-map order; give it jagpt's alphabet.
+        alphabet = sorted(counts, key=lambda c: (-counts[c], c))[: max(1, (room - len(added)) * 3 // 4)]
+        tok = bpe.build_tokenizer()
+        tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+            vocab_size=room, min_frequency=settings.min_frequency, special_tokens=added,
+            initial_alphabet=alphabet, limit_alphabet=len(alphabet), max_token_length=settings.max_token_length,
+            show_progress=False))
+        model = json.loads(tok.to_str())["model"]
+        tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]) if t not in added]
+        index = {t: i for i, t in enumerate(tokens)}
+        pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+        merges = [(index[a], index[b], index[a + b]) for a, b in pairs]
+        super().__init__(bpe.Encoder(bpe.assemble(added, tokens, merges)), "tokenizers-library-bpe")
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoder.reference_encode([text])[0]
 
 
 class SentencePieceTokenizer(Evaluated):
@@ -299,6 +335,7 @@ def evaluate(
         encoder = bpe.train(sample, settings.model_copy(update={"sample_chars": train_chars}), tokenizer_id)
     vocab = settings.vocab_size
     tokenizers: list[Evaluated] = [JagptTokenizer(encoder, "jagpt" if trained_here else f"jagpt {encoder.tokenizer_id}")]
+    tokenizers.append(LibraryBPETokenizer(sample, settings))
     errors: dict[str, str] = {}
     for model_type in ("bpe", "unigram"):
         for normalization in (None, "identity"):

@@ -41,7 +41,7 @@ RUNTIME_ONLY = {"workers", "pool_min_pages", "memory_limit", "batch_docs", "batc
 # Bump a stage's version when its code changes what it writes: its outputs
 # (and everything downstream) are then rebuilt instead of reused.
 VERSIONS = {"extract": 3, "clean": 1, "dedup": 2, "encoder": 4, "shards": 3, "train": 2, "reports": 1,
-            "encoder_eval": 2}
+            "encoder_eval": 3}
 
 
 def crawl_all(storage: Storage, cfg: Config, names: list[str] | None = None) -> list[CrawlResult]:

@@ -75,13 +75,15 @@ def test_eval_table_rows_and_round_trip(corpus):
     assert result["errors"] == {}
     rows = {r["tokenizer"]: r for r in result["rows"]}
     assert list(rows) == [
-        "jagpt", "sentencepiece-bpe-default", "sentencepiece-bpe-identity",
+        "jagpt", "tokenizers-library-bpe", "sentencepiece-bpe-default", "sentencepiece-bpe-identity",
         "sentencepiece-unigram-default", "sentencepiece-unigram-identity", "char-pair",
     ]
     assert all(list(r) == COLUMNS for r in rows.values())
     jagpt = rows["jagpt"]
     assert jagpt["round_trip_docs"] == 1.0 and jagpt["vocab_size"] == 2000
     assert rows["char-pair"]["round_trip_docs"] == 1.0 and rows["char-pair"]["vocab_size"] == 2000
+    library = rows["tokenizers-library-bpe"]  # the same design, trained and encoded by the library
+    assert library["round_trip_docs"] == 1.0 and library["vocab_size"] <= 2000
     # NFKC turns full-width letters and digits into ASCII, so the default SentencePiece is lossy here.
     assert rows["sentencepiece-bpe-default"]["round_trip_docs"] < 1.0
     assert rows["sentencepiece-unigram-default"]["round_trip_docs"] < 1.0
