@@ -352,25 +352,26 @@ class CompiledBPE:
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[np.ndarray]:
         """The ids of each text (int32 arrays)."""
+        if not texts:
+            return []
         pattern = self._with_special if allow_special else self._always
-        # One array for the batch; a NUL between texts keeps an added token from spanning two.
-        joined = "\0".join(texts)
-        codes = np.frombuffer(joined.encode("utf-32-le"), np.uint32)
-        starts, ends, tokens, last = [], [], [], []
+        joined = "".join(texts)
+        segments: list[tuple[int, int, int]] = []  # (start, end, added token id or -1) in ``joined``
+        last = []
         pos = 0
         for text in texts:
             stop = pos + len(text)
             if pattern is not None:
-                for m in pattern.finditer(joined, pos, stop):
+                for m in pattern.finditer(joined, pos, stop):  # within this text only
                     if m.start() > pos:
-                        starts.append(pos), ends.append(m.start()), tokens.append(-1)
-                    starts.append(m.start()), ends.append(m.end()), tokens.append(self.added_ids[m.group()])
+                        segments.append((pos, m.start(), -1))
+                    segments.append((m.start(), m.end(), self.added_ids[m.group()]))
                     pos = m.end()
-            starts.append(pos), ends.append(stop), tokens.append(-1)
-            last.append(len(starts) - 1)
-            pos = stop + 1
+            segments.append((pos, stop, -1))
+            last.append(len(segments) - 1)
+            pos = stop
+        starts, ends, tokens = np.array(segments, np.int64).T.copy()
         ids, seg_ends = encode_segments(
-            codes, np.array(starts, np.int64), np.array(ends, np.int64), np.array(tokens, np.int64),
+            np.frombuffer(joined.encode("utf-32-le"), np.uint32), starts, ends, tokens,
             self.classes, self.char_id, self.byte_id, self.keys, self.values, self.shift)
-        bounds = seg_ends[last]
-        return np.split(ids, bounds[:-1]) if texts else []
+        return np.split(ids, seg_ends[last][:-1])
