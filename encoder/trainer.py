@@ -46,6 +46,7 @@ REMOVED = -2
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _PRIME = np.uint64(0x100000001B3)
+REPORT_EVERY = 2000  # merges between progress lines
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -234,7 +235,7 @@ def _heap_key(count, a, b):
     return -((np.int64(count) << 32) | (np.int64(0xFFFF - a) << 16) | np.int64(0xFFFF - b))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True)  # not nogil: it reports progress through the interpreter
 def _learn(sym, weight, tok_chars, tok_start, tok_len, n_tokens, target, min_frequency, max_len):
     """Greedy BPE on ``sym`` until ``target`` tokens. Tokens ``0 .. n_tokens-1`` are the
     alphabet (their characters in ``tok_chars``). Returns the merges as (a, b, new id) rows
@@ -320,6 +321,9 @@ def _learn(sym, weight, tok_chars, tok_start, tok_len, n_tokens, target, min_fre
             bigger = np.empty((2 * merges.shape[0], 3), np.int64)
             bigger[:n_merges] = merges
             merges = bigger
+        if n_merges % REPORT_EVERY == 0 and n_merges:
+            with numba.objmode():
+                _report(n_merges, n_tokens, target)
         merges[n_merges, 0] = a
         merges[n_merges, 1] = b
         merges[n_merges, 2] = new
@@ -403,6 +407,10 @@ def _learn(sym, weight, tok_chars, tok_start, tok_len, n_tokens, target, min_fre
             if pcount[t] > 0:
                 heap, size = _heap_push(heap, size, _heap_key(pcount[t], x, y))
     return merges[:n_merges], tok_chars, tok_start[:n_tokens], tok_len[:n_tokens], n_entries, n_pairs
+
+
+def _report(merges: int, tokens: int, target: int) -> None:
+    log.info("encoder: %d merges learned, %d of %d tokens", merges, tokens, target)
 
 
 @numba.njit(cache=True, nogil=True)
