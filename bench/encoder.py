@@ -124,7 +124,7 @@ def main() -> int:
         sample = take_mb(texts, args.train_mb)
         fig["rss_before_train_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         start = time.perf_counter()
-        encoder = train(sample, EncoderSettings(vocab_size=32000, sample_chars=10**12), "tok-bench")
+        encoder = train(sample, EncoderSettings(vocab_size=32000, sample_chars=sum(map(len, sample))), "tok-bench")
         train_s = time.perf_counter() - start
         fig["train"] = {"mb": utf8_mb(sample), "s": train_s, "estimate_1gb_s": train_s * 1000 / utf8_mb(sample),
                         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -84,9 +84,10 @@ class EncoderSettings(Settings):
     min_frequency: int = Field(default=2, ge=1)
     max_token_length: int = Field(default=16, ge=1, description="characters, as the BPE trainer counts them")
     sample_chars: int = Field(
-        default=100_000_000, gt=0,
-        description="training text is cut at this many characters; the trainer needs about 9-11 bytes of memory "
-        "per byte of varied UTF-8 text (100 million characters, about 300 MB of Japanese: about 3 GB)",
+        default=100_000_000, gt=0, le=450_000_000,
+        description="training text is cut at this many characters (at most 450 million, which the trainer's "
+        "32-bit positions hold); the trainer needs about 9-11 bytes of memory per byte of varied UTF-8 text "
+        "(100 million characters, about 300 MB of Japanese: about 3 GB)",
     )
     reserved_tags: bool = Field(
         default=False,

@@ -47,6 +47,7 @@ _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _PRIME = np.uint64(0x100000001B3)
 REPORT_EVERY = 2000  # merges between progress lines
+MAX_POSITIONS = 2**31 - 1  # positions and list entries are int32
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -385,6 +386,9 @@ def _learn(sym, weight, tok_chars, tok_start, tok_len, n_tokens, target, min_fre
                     n_pairs += 1
                 pcount[t] += w
                 if n_entries == lpos.shape[0]:
+                    if n_entries >= MAX_POSITIONS:
+                        raise ValueError("the sample has too many pair positions for 32-bit lists; "
+                                         "lower encoder.sample_chars")
                     lpos = _grown(lpos, n_entries + 1)
                     lnext = _grown(lnext, n_entries + 1)
                 lpos[n_entries] = at_pos
@@ -480,6 +484,9 @@ def learn(counter: PieceCounter, alphabet_limit: int, target: int, min_frequency
         return [], []
     char_tok = np.full(0x110000, BARRIER, np.int32)
     char_tok[alpha] = np.arange(len(alpha), dtype=np.int32)
+    if counter.used + counter.n >= MAX_POSITIONS // 3:
+        raise ValueError(f"{counter.used} characters in distinct pieces is more than the trainer's 32-bit "
+                         f"positions hold (about {MAX_POSITIONS // 3}); lower encoder.sample_chars")
     sym, weight = _symbols(arena, start, length, count, char_tok)
     del arena, start, length, count
     counter.clear()

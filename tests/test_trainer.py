@@ -2,6 +2,9 @@
 
 from collections import Counter
 
+import numpy as np
+import pydantic
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -87,7 +90,7 @@ def test_pieces_are_counted_as_the_pre_tokenizer_cuts_them():
 def test_alphabet_takes_the_most_frequent_characters_ties_by_code_point():
     counts = [0] * 0x110000
     counts[ord("b")], counts[ord("a")], counts[ord("c")], counts[ord("日")] = 5, 5, 1, 9
-    assert [chr(c) for c in alphabet(__import__("numpy").array(counts), 3)] == ["a", "b", "日"]
+    assert [chr(c) for c in alphabet(np.array(counts), 3)] == ["a", "b", "日"]
 
 
 def test_a_trained_tokenizer_is_an_ordinary_tokenizers_file():
@@ -98,3 +101,9 @@ def test_a_trained_tokenizer_is_an_ordinary_tokenizers_file():
     ids = enc.reference_encode([text])[0]
     assert enc.encode(text) == ids and enc.decode(ids) == text
     assert len(ids) < len(text) / 2  # the merges are words
+
+
+def test_a_sample_beyond_the_trainers_32_bit_positions_is_refused_by_the_settings():
+    EncoderSettings(sample_chars=450_000_000)
+    with pytest.raises(pydantic.ValidationError, match="450000000"):
+        EncoderSettings(sample_chars=450_000_001)
