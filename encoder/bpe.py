@@ -164,8 +164,6 @@ class Encoder:
     def compiled(self):
         """The compiled encoder (:mod:`encoder.kernels`) for this tokenizer, or None where it
         does not implement the tokenizer and the library encodes."""
-        from encoder.kernels import CompiledBPE, Unsupported
-
         try:
             return CompiledBPE(self.tokenizer)
         except Unsupported:
@@ -186,12 +184,111 @@ class Encoder:
 
     def reference_encode(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """The tokenizers library's encoding, which the compiled one must equal."""
+        before = self.tokenizer.encode_special_tokens
         self.tokenizer.encode_special_tokens = not allow_special
-        # encode_batch_fast: the same ids without character offsets, nearly twice as fast.
-        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        try:
+            # encode_batch_fast: the same ids without character offsets, nearly twice as fast.
+            return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        finally:
+            self.tokenizer.encode_special_tokens = before
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether an occurrence of ``a`` and one of ``b`` can share characters."""
+    return a in b or b in a or any(a.endswith(b[:k]) or b.endswith(a[:k]) for k in range(1, min(len(a), len(b))))
+
+
+class Unsupported(ValueError):
+    """The tokenizer uses something :class:`CompiledBPE` does not implement."""
+
+
+class CompiledBPE:
+    """Encode with a jagpt tokenizer's vocabulary and merges, without the library
+    (:mod:`encoder.kernels` says how), to the library's ids.
+
+    Added tokens (``<|endoftext|>`` and ``<|pad|>`` when special tokens are
+    allowed, the content tags always) are cut out first with a regex, longest
+    first, and are single ids. A tokenizer that needs anything else (another
+    pattern, a normalizer, truncation, added tokens that overlap) is refused
+    with :class:`Unsupported`, and :class:`Encoder` uses the library for it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        from encoder import kernels  # numba: imported when first needed
+
+        data = json.loads(tokenizer.to_str())
+        model = data["model"]
+        pre = data.get("pre_tokenizer") or {}
+        checks = {
+            "a BPE model": model.get("type") == "BPE",
+            "byte fallback": model.get("byte_fallback") is True,
+            "no dropout": model.get("dropout") is None,
+            "merges applied to whole-vocabulary words too": not model.get("ignore_merges"),
+            "no subword prefix or suffix": not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix"),
+            "no normalizer": data.get("normalizer") is None,
+            "jagpt's pre-tokenizer": pre.get("type") == "Split" and pre.get("behavior") == "Isolated"
+            and not pre.get("invert") and pre.get("pattern") == {"Regex": PRETOKENIZE_PATTERN},
+            "added tokens matched as typed": all(
+                not (t["single_word"] or t["lstrip"] or t["rstrip"] or t["normalized"]) for t in data["added_tokens"]),
+            # The library matches special tokens even when it then encodes them as text, so
+            # one would hide a non-special token it overlaps; the regex here would not.
+            "added tokens that do not overlap": not any(
+                _overlap(s["content"], t["content"]) for s in data["added_tokens"] for t in data["added_tokens"]
+                if s["special"] and not t["special"]),
+            "no truncation or padding": data.get("truncation") is None and data.get("padding") is None,
+        }
+        missing = [what for what, ok in checks.items() if not ok]
+        vocab: dict[str, int] = model["vocab"]
+        missing += [f"byte token {t}" for t in BYTE_TOKENS if t not in vocab][:1]
+        if missing:
+            raise Unsupported("the compiled encoder needs " + ", ".join(missing))
+        self.char_id = np.full(0x110000, -1, np.int32)
+        for token, i in vocab.items():
+            if len(token) == 1:
+                self.char_id[ord(token)] = i
+        self.byte_id = np.array([vocab[t] for t in BYTE_TOKENS], np.int32)
+        pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+        self.keys, self.values, self.shift = kernels.merge_table(
+            [(vocab[a], vocab[b]) for a, b in pairs], [vocab[a + b] for a, b in pairs])
+        self.classes = kernels.char_classes()
+        self._encode_segments = kernels.encode_segments
+        added = sorted(data["added_tokens"], key=lambda t: -len(t["content"]))
+        self.added_ids = {t["content"]: t["id"] for t in added}
+        self._always = self._pattern([t["content"] for t in added if not t["special"]])
+        self._with_special = self._pattern([t["content"] for t in added])
+
+    @staticmethod
+    def _pattern(contents: list[str]) -> re.Pattern | None:
+        return re.compile("|".join(map(re.escape, contents))) if contents else None
+
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[np.ndarray]:
+        """The ids of each text (int32 arrays)."""
+        if not texts:
+            return []
+        pattern = self._with_special if allow_special else self._always
+        joined = "".join(texts)
+        segments: list[tuple[int, int, int]] = []  # (start, end, added token id or -1) in ``joined``
+        last = []
+        pos = 0
+        for text in texts:
+            stop = pos + len(text)
+            if pattern is not None:
+                for m in pattern.finditer(joined, pos, stop):  # within this text only
+                    if m.start() > pos:
+                        segments.append((pos, m.start(), -1))
+                    segments.append((m.start(), m.end(), self.added_ids[m.group()]))
+                    pos = m.end()
+            segments.append((pos, stop, -1))
+            last.append(len(segments) - 1)
+            pos = stop
+        starts, ends, tokens = np.array(segments, np.int64).T.copy()
+        ids, seg_ends = self._encode_segments(
+            np.frombuffer(joined.encode("utf-32-le"), np.uint32), starts, ends, tokens,
+            self.classes, self.char_id, self.byte_id, self.keys, self.values, self.shift)
+        return np.split(ids, seg_ends[last][:-1])
 
 
 def build_tokenizer() -> Tokenizer:

@@ -1,40 +1,46 @@
-"""jagpt's encoder compiled with numba: the ids the tokenizers library gives for a
-jagpt ``tokenizer.json``, several times faster.
+"""The encoder's inner loops, compiled with numba: encoding and training.
 
-The library's cost on Japanese is per piece: each pre-tokenizer piece becomes
-a string, a cache lookup, a vector of symbols and a heap, and Japanese pieces
-rarely repeat, so its cache seldom helps. Here the whole batch is one array of
-code points and one loop:
+All of the encoder's compiled code is in this one module on purpose: numba
+caches machine code per source file and checks only that file for changes, so
+a compiled function calling one from another module would keep running a
+stale copy of it after that module changed.
 
-* **Pre-tokenization** walks the code points with a class table (which of
-  :data:`encoder.bpe.PRETOKENIZE_PATTERN`'s character classes each code point
-  is in), trying the pattern's alternatives in order at each position, as the
-  regex engine does. Text that no alternative matches is a piece of its own
-  (``Split`` with ``isolated``). The table is read off the library's own regex
-  engine (:func:`char_classes`), so both agree on every Unicode property.
+Encoding (:func:`encode_segments`, used by :class:`encoder.bpe.CompiledBPE`)
+gives the ids the tokenizers library gives for a jagpt ``tokenizer.json``,
+several times faster. The library's cost on Japanese is per piece: each
+pre-tokenizer piece becomes a string, a cache lookup, a vector of symbols and
+a heap, and Japanese pieces rarely repeat, so its cache seldom helps. Here a
+whole batch is one array of code points and one loop:
+
+* **Pre-tokenization** (:func:`piece_end`) walks the code points with a class
+  table (which of :data:`encoder.bpe.PRETOKENIZE_PATTERN`'s character classes
+  each code point is in), trying the pattern's alternatives in order at each
+  position, as the regex engine does. Text that no alternative matches is a
+  piece of its own (``Split`` with ``isolated``). The table is read off the
+  library's own regex engine (:func:`char_classes`), so both agree on every
+  Unicode property.
 * **BPE** is the library's ``merge_all`` (``models/bpe/word.rs``): a min-heap
   of adjacent pairs by (merge rank, position); a popped pair that no longer
   stands at its position is skipped. Characters outside the vocabulary are
   spelled by their UTF-8 byte tokens.
-* **Added tokens** (``<|endoftext|>`` when asked for, the content tags) are cut
-  out first, with a regex, and are single ids.
 
-:class:`CompiledBPE` refuses a tokenizer it does not implement (another
-pattern, a normalizer, merges with dropout), and the encoder then uses the
-library. Tests hold both to the same ids on arbitrary text.
+Training (:func:`count_pieces`, :func:`piece_symbols`, :func:`learn_merges`,
+driven by :mod:`encoder.trainer`, which says how) is greedy BPE over flat
+arrays.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import logging
 from functools import cache
 
 import numba
 import numpy as np
-from tokenizers import Regex, Tokenizer, pre_tokenizers
+from tokenizers import Regex, pre_tokenizers
 
 from encoder import bpe
+
+log = logging.getLogger(__name__)
 
 NUMBER, JAPANESE, CLOSING, LATIN, SYMBOL = 1, 2, 4, 8, 16
 _CLASSES = ((NUMBER, bpe.NUMBER), (JAPANESE, bpe.JAPANESE), (CLOSING, bpe.CLOSING), (LATIN, bpe.LATIN),
@@ -43,8 +49,12 @@ _CLASSES = ((NUMBER, bpe.NUMBER), (JAPANESE, bpe.JAPANESE), (CLOSING, bpe.CLOSIN
 # private use, unassigned), so above this every code point is a SYMBOL; a test
 # checks it on every code point.
 CLASS_LIMIT = 0x40000
-_EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
+EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_PRIME = np.uint64(0x100000001B3)
+BARRIER = -1  # training: the end of a piece, or a character outside the alphabet
+REMOVED = -2  # training: the right half of a merged pair
+REPORT_EVERY = 2000  # training: merges between progress lines
 
 
 @cache
@@ -62,10 +72,10 @@ def char_classes() -> np.ndarray:
     return table
 
 
-def _pair_table(pairs: list[tuple[int, int]], merged: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
+def merge_table(pairs: list[tuple[int, int]], merged: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
     """Open-addressing table from ``(a << 32) | b`` to ``(rank << 32) | merged id``."""
     bits = max(4, (2 * len(pairs)).bit_length())
-    keys = np.full(1 << bits, _EMPTY, np.uint64)
+    keys = np.full(1 << bits, EMPTY, np.uint64)
     values = np.zeros(1 << bits, np.int64)
     _fill(keys, values, np.array([(a << 32) | b for a, b in pairs], np.uint64).reshape(-1),
           np.array([(r << 32) | m for r, m in enumerate(merged)], np.int64).reshape(-1), 64 - bits)
@@ -77,7 +87,7 @@ def _fill(keys, values, pair_keys, pair_values, shift):
     mask = keys.shape[0] - 1
     for i in range(pair_keys.shape[0]):
         s = np.intp((pair_keys[i] * _MIX) >> np.uint64(shift))
-        while keys[s] != _EMPTY and keys[s] != pair_keys[i]:
+        while keys[s] != EMPTY and keys[s] != pair_keys[i]:
             s = (s + 1) & mask
         keys[s] = pair_keys[i]
         values[s] = pair_values[i]
@@ -92,7 +102,7 @@ def _merge_of(keys, values, shift, a, b):
         k = keys[s]
         if k == key:
             return values[s]
-        if k == _EMPTY:
+        if k == EMPTY:
             return np.int64(-1)
         s = (s + 1) & mask
 
@@ -272,7 +282,7 @@ def encode_segments(codes, seg_start, seg_end, seg_token, classes, char_id, byte
     for k in range(seg_start.shape[0]):
         if seg_token[k] >= 0:
             if n_out + 1 > out.shape[0]:
-                out = _grow(out, n_out + 1)
+                out = _grown(out, n_out + 1)
             out[n_out] = seg_token[k]
             n_out += 1
             ends[k] = n_out
@@ -290,88 +300,381 @@ def encode_segments(codes, seg_start, seg_end, seg_token, classes, char_id, byte
                 nxt = np.empty(size, np.int64)
                 heap = np.empty(3 * size, np.int64)
             if n_out + need > out.shape[0]:
-                out = _grow(out, n_out + need)
+                out = _grown(out, n_out + need)
             n_out = _bpe(codes, i, j, char_id, byte_id, keys, values, shift, sym, prev, nxt, heap, out, n_out)
             i = j
         ends[k] = n_out
     return out[:n_out], ends
 
 
+# -- training -------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _slot(key, mask):
+    return np.intp((key * _MIX) >> np.uint64(32)) & mask
+
+
 @numba.njit(cache=True, nogil=True)
-def _grow(out, need):
-    bigger = np.empty(max(need, 2 * out.shape[0]), np.int32)
-    bigger[: out.shape[0]] = out
+def count_pieces(codes, seg_start, seg_end, classes, keys, ids, start, length, count, arena, n, used):
+    """Add the pieces of each segment to the table; returns the (maybe grown) arrays and counts."""
+    for k in range(seg_start.shape[0]):
+        i = seg_start[k]
+        end = seg_end[k]
+        while i < end:
+            j = piece_end(codes, i, end, classes)
+            h = np.uint64(j - i)
+            for t in range(i, j):
+                h = h * _PRIME + np.uint64(codes[t])
+            mask = keys.shape[0] - 1
+            s = _slot(h, mask)
+            found = -1
+            while keys[s] != EMPTY:
+                if keys[s] == h:
+                    p = ids[s]
+                    if length[p] == j - i:
+                        same = True
+                        for t in range(j - i):
+                            if arena[start[p] + t] != codes[i + t]:
+                                same = False
+                                break
+                        if same:
+                            found = p
+                            break
+                s = (s + 1) & mask
+            if found >= 0:
+                count[found] += 1
+            else:
+                if n == start.shape[0]:
+                    start = _grown(start, n + 1)
+                    length = _grown(length, n + 1)
+                    count = _grown(count, n + 1)
+                if used + (j - i) > arena.shape[0]:
+                    arena = _grown(arena, used + (j - i))
+                arena[used:used + (j - i)] = codes[i:j]
+                start[n] = used
+                length[n] = j - i
+                count[n] = 1
+                keys[s] = h
+                ids[s] = n
+                used += j - i
+                n += 1
+                if 2 * n > keys.shape[0]:
+                    keys, ids = _rehash(keys, ids)
+            i = j
+    return keys, ids, start, length, count, arena, n, used
+
+
+@numba.njit(cache=True, nogil=True)
+def _grown(a, need):
+    bigger = np.empty(max(need, a.shape[0] + a.shape[0] // 2 + 16), a.dtype)
+    bigger[: a.shape[0]] = a
     return bigger
 
 
-class Unsupported(ValueError):
-    """The tokenizer uses something :class:`CompiledBPE` does not implement."""
+@numba.njit(cache=True, nogil=True)
+def _rehash(keys, ids):
+    new_keys, moved = _rehashed(keys)
+    new_ids = np.empty(new_keys.shape[0], ids.dtype)
+    new_ids[moved[moved >= 0]] = ids[moved >= 0]
+    return new_keys, new_ids
 
 
-class CompiledBPE:
-    """Encode with a jagpt tokenizer's vocabulary and merges, without the library."""
+@numba.njit(cache=True, nogil=True)
+def _rehashed(keys):
+    """A table twice the size with the same keys, and each old slot's new slot (-1: empty)."""
+    new_keys = np.full(2 * keys.shape[0], EMPTY, np.uint64)
+    moved = np.full(keys.shape[0], -1, np.int64)
+    mask = new_keys.shape[0] - 1
+    for s in range(keys.shape[0]):
+        if keys[s] != EMPTY:
+            t = _slot(keys[s], mask)
+            while new_keys[t] != EMPTY:
+                t = (t + 1) & mask
+            new_keys[t] = keys[s]
+            moved[s] = t
+    return new_keys, moved
 
-    def __init__(self, tokenizer: Tokenizer):
-        data = json.loads(tokenizer.to_str())
-        model = data["model"]
-        pre = data.get("pre_tokenizer") or {}
-        checks = {
-            "a BPE model": model.get("type") == "BPE",
-            "byte fallback": model.get("byte_fallback") is True,
-            "no dropout": model.get("dropout") is None,
-            "merges applied to whole-vocabulary words too": not model.get("ignore_merges"),
-            "no subword prefix or suffix": not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix"),
-            "no normalizer": data.get("normalizer") is None,
-            "jagpt's pre-tokenizer": pre.get("type") == "Split" and pre.get("behavior") == "Isolated"
-            and not pre.get("invert") and pre.get("pattern") == {"Regex": bpe.PRETOKENIZE_PATTERN},
-            "added tokens matched as typed": all(
-                not (t["single_word"] or t["lstrip"] or t["rstrip"] or t["normalized"]) for t in data["added_tokens"]),
-        }
-        missing = [what for what, ok in checks.items() if not ok]
-        vocab: dict[str, int] = model["vocab"]
-        missing += [f"byte token {t}" for t in bpe.BYTE_TOKENS if t not in vocab][:1]
-        if missing:
-            raise Unsupported("the compiled encoder needs " + ", ".join(missing))
-        self.char_id = np.full(0x110000, -1, np.int32)
-        for token, i in vocab.items():
-            if len(token) == 1:
-                self.char_id[ord(token)] = i
-        self.byte_id = np.array([vocab[t] for t in bpe.BYTE_TOKENS], np.int32)
-        pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
-        self.keys, self.values, self.shift = _pair_table(
-            [(vocab[a], vocab[b]) for a, b in pairs], [vocab[a + b] for a, b in pairs])
-        self.classes = char_classes()
-        added = sorted(data["added_tokens"], key=lambda t: -len(t["content"]))
-        self.added_ids = {t["content"]: t["id"] for t in added}
-        self._always = self._pattern([t["content"] for t in added if not t["special"]])
-        self._with_special = self._pattern([t["content"] for t in added])
 
-    @staticmethod
-    def _pattern(contents: list[str]) -> re.Pattern | None:
-        return re.compile("|".join(map(re.escape, contents))) if contents else None
+@numba.njit(cache=True, nogil=True)
+def char_counts(arena, start, length, count):
+    """How often each code point occurs, each piece weighted by its count."""
+    out = np.zeros(0x110000, np.int64)
+    for p in range(start.shape[0]):
+        for t in range(start[p], start[p] + length[p]):
+            out[arena[t]] += count[p]
+    return out
 
-    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[np.ndarray]:
-        """The ids of each text (int32 arrays)."""
-        if not texts:
-            return []
-        pattern = self._with_special if allow_special else self._always
-        joined = "".join(texts)
-        segments: list[tuple[int, int, int]] = []  # (start, end, added token id or -1) in ``joined``
-        last = []
-        pos = 0
-        for text in texts:
-            stop = pos + len(text)
-            if pattern is not None:
-                for m in pattern.finditer(joined, pos, stop):  # within this text only
-                    if m.start() > pos:
-                        segments.append((pos, m.start(), -1))
-                    segments.append((m.start(), m.end(), self.added_ids[m.group()]))
-                    pos = m.end()
-            segments.append((pos, stop, -1))
-            last.append(len(segments) - 1)
-            pos = stop
-        starts, ends, tokens = np.array(segments, np.int64).T.copy()
-        ids, seg_ends = encode_segments(
-            np.frombuffer(joined.encode("utf-32-le"), np.uint32), starts, ends, tokens,
-            self.classes, self.char_id, self.byte_id, self.keys, self.values, self.shift)
-        return np.split(ids, seg_ends[last][:-1])
+
+@numba.njit(cache=True, nogil=True)
+def piece_symbols(arena, start, length, count, char_tok):
+    """One array of symbol ids for every piece with a pair, barriers between; the piece count per position."""
+    total = 1
+    for p in range(start.shape[0]):
+        if length[p] >= 2:
+            total += length[p] + 1
+    sym = np.full(total, BARRIER, np.int32)
+    weight = np.zeros(total, np.int32)
+    i = 1
+    for p in range(start.shape[0]):
+        if length[p] < 2:
+            continue
+        for t in range(length[p]):
+            sym[i] = char_tok[arena[start[p] + t]]
+            weight[i] = count[p]
+            i += 1
+        i += 1  # the barrier after the piece
+    return sym, weight
+
+
+@numba.njit(cache=True, nogil=True)
+def _pair_slot(pkeys, a, b):
+    key = (np.uint64(a) << np.uint64(32)) | np.uint64(b)
+    mask = pkeys.shape[0] - 1
+    s = _slot(key, mask)
+    while pkeys[s] != EMPTY and pkeys[s] != key:
+        s = (s + 1) & mask
+    return s, key
+
+
+@numba.njit(cache=True, nogil=True)
+def _heap_push(heap, size, item):
+    if size == heap.shape[0]:
+        heap = _grown(heap, size + 1)
+    return heap, _push(heap, size, item)
+
+
+@numba.njit(cache=True, nogil=True)
+def _heap_key(count, a, b):
+    # Min-heap order: the higher count, then the smaller ids (ids < 2**16).
+    return -((np.int64(count) << 32) | (np.int64(0xFFFF - a) << 16) | np.int64(0xFFFF - b))
+
+
+@numba.njit(cache=True)  # not nogil: it reports progress through the interpreter
+def learn_merges(sym, weight, tok_chars, tok_start, tok_len, n_tokens, target, min_frequency, max_len):
+    """Greedy BPE on ``sym`` until ``target`` tokens. Tokens ``0 .. n_tokens-1`` are the
+    alphabet (their characters in ``tok_chars``). Returns the merges as (a, b, new id) rows
+    and the grown token arrays."""
+    n = sym.shape[0]
+    # Pair table: key, count, head of the list of positions seen, stamp of the last merge that touched it.
+    pkeys = np.full(1 << 16, EMPTY, np.uint64)
+    pcount = np.zeros(1 << 16, np.int64)
+    phead = np.full(1 << 16, -1, np.int32)
+    pstamp = np.full(1 << 16, -1, np.int32)
+    n_pairs = 0
+    # Position lists: entry e says "pair seen at lpos[e]", next entry lnext[e]. There are
+    # at most 3n entries: n initial pairs, then two new pairs per merged occurrence, and
+    # each occurrence removes a position. Reserved, not touched: pages are mapped as they fill.
+    lpos = np.empty(3 * n + 16, np.int32)
+    lnext = np.empty(3 * n + 16, np.int32)
+    n_entries = 0
+    # Initial pairs, inserted right to left, so a list starts in position order; merges
+    # add entries at the head, so a list is not ordered after that (see the sort below).
+    for p in range(n - 2, 0, -1):
+        a = sym[p]
+        b = sym[p + 1]
+        if a < 0 or b < 0 or tok_len[a] + tok_len[b] > max_len:
+            continue
+        s, key = _pair_slot(pkeys, a, b)
+        if pkeys[s] == EMPTY:
+            pkeys[s] = key
+            n_pairs += 1
+        pcount[s] += weight[p]
+        lpos[n_entries] = p
+        lnext[n_entries] = phead[s]
+        phead[s] = n_entries
+        n_entries += 1
+        if 2 * n_pairs > pkeys.shape[0]:
+            pkeys, pcount, phead, pstamp = _rehash_pairs(pkeys, pcount, phead, pstamp)
+    heap = np.empty(max(16, n_pairs), np.int64)
+    size = 0
+    for s in range(pkeys.shape[0]):
+        if pkeys[s] != EMPTY and pcount[s] > 0:
+            heap, size = _heap_push(heap, size, _heap_key(pcount[s], np.int64(pkeys[s] >> np.uint64(32)),
+                                                          np.int64(pkeys[s] & np.uint64(0xFFFFFFFF))))
+    # Token strings, to reuse the id of a merge that spells an existing token.
+    tbits = 4
+    while (1 << tbits) < 4 * target:
+        tbits += 1
+    tkeys = np.full(1 << tbits, EMPTY, np.uint64)
+    tids = np.empty(1 << tbits, np.int64)
+    for t in range(n_tokens):
+        _token_slot_insert(tkeys, tids, tok_chars, tok_start, tok_len, t)
+    merges = np.empty((max(target - n_tokens, 1) * 2, 3), np.int64)
+    n_merges = 0
+    touched = np.empty(64, np.int64)
+    positions = np.empty(64, np.int32)
+    while n_tokens < target and size > 0:
+        top, size = _pop(heap, size)
+        top = -top
+        stored = top >> 32
+        a = 0xFFFF - ((top >> 16) & 0xFFFF)
+        b = 0xFFFF - (top & 0xFFFF)
+        s, key = _pair_slot(pkeys, a, b)
+        if pcount[s] != stored:
+            if pcount[s] > 0:
+                heap, size = _heap_push(heap, size, _heap_key(pcount[s], a, b))
+            continue
+        if stored < min_frequency:
+            break
+        # The merged token: an existing one with the same characters, or a new id.
+        new_len = tok_len[a] + tok_len[b]
+        if tok_start[n_tokens - 1] + tok_len[n_tokens - 1] + new_len > tok_chars.shape[0]:
+            tok_chars = _grown(tok_chars, tok_chars.shape[0] + new_len)
+        if n_tokens == tok_start.shape[0]:
+            tok_start = _grown(tok_start, n_tokens + 1)
+            tok_len = _grown(tok_len, n_tokens + 1)
+        at = tok_start[n_tokens - 1] + tok_len[n_tokens - 1]
+        tok_chars[at:at + tok_len[a]] = tok_chars[tok_start[a]:tok_start[a] + tok_len[a]]
+        tok_chars[at + tok_len[a]:at + new_len] = tok_chars[tok_start[b]:tok_start[b] + tok_len[b]]
+        tok_start[n_tokens] = at
+        tok_len[n_tokens] = new_len
+        new = _token_find(tkeys, tids, tok_chars, tok_start, tok_len, n_tokens)
+        if new < 0:
+            new = n_tokens
+            _token_slot_insert(tkeys, tids, tok_chars, tok_start, tok_len, new)
+            n_tokens += 1
+        if n_merges == merges.shape[0]:
+            bigger = np.empty((2 * merges.shape[0], 3), np.int64)
+            bigger[:n_merges] = merges
+            merges = bigger
+        if n_merges % REPORT_EVERY == 0 and n_merges:
+            with numba.objmode():
+                _report(n_merges, n_tokens, target)
+        merges[n_merges, 0] = a
+        merges[n_merges, 1] = b
+        merges[n_merges, 2] = new
+        n_merges += 1
+        # Where the pair was seen; the list is consumed (new occurrences only ever involve ``new``).
+        n_pos = 0
+        e = phead[s]
+        phead[s] = -1
+        while e >= 0:
+            if n_pos == positions.shape[0]:
+                positions = _grown(positions, n_pos + 1)
+            positions[n_pos] = lpos[e]
+            n_pos += 1
+            e = lnext[e]
+        if a == b:  # overlapping occurrences ("aaa"): left to right
+            positions[:n_pos] = np.sort(positions[:n_pos])
+        n_touched = 0
+        for k in range(n_pos):
+            p = positions[k]
+            if sym[p] != a:
+                continue
+            q = p + 1
+            while sym[q] == REMOVED:
+                q += 1
+            if sym[q] != b:
+                continue
+            w = weight[p]
+            left = p - 1
+            while sym[left] == REMOVED:
+                left -= 1
+            right = q + 1
+            while right < n and sym[right] == REMOVED:
+                right += 1
+            has_left = sym[left] >= 0
+            has_right = right < n and sym[right] >= 0
+            pcount[s] -= w
+            if has_left and tok_len[sym[left]] + tok_len[a] <= max_len:
+                t, _ = _pair_slot(pkeys, sym[left], a)
+                pcount[t] -= w
+            if has_right and tok_len[b] + tok_len[sym[right]] <= max_len:
+                t, _ = _pair_slot(pkeys, b, sym[right])
+                pcount[t] -= w
+            sym[p] = new
+            sym[q] = REMOVED
+            for side in range(2):
+                if side == 0:
+                    if not has_left:
+                        continue
+                    x, y, at_pos = sym[left], np.int32(new), left
+                else:
+                    if not has_right:
+                        continue
+                    x, y, at_pos = np.int32(new), sym[right], p
+                if tok_len[x] + tok_len[y] > max_len:
+                    continue
+                t, key = _pair_slot(pkeys, x, y)
+                if pkeys[t] == EMPTY:
+                    pkeys[t] = key
+                    n_pairs += 1
+                pcount[t] += w
+                lpos[n_entries] = at_pos
+                lnext[n_entries] = phead[t]
+                phead[t] = n_entries
+                n_entries += 1
+                if pstamp[t] != n_merges:
+                    pstamp[t] = n_merges
+                    if n_touched == touched.shape[0]:
+                        touched = _grown(touched, n_touched + 1)
+                    touched[n_touched] = np.int64(key)
+                    n_touched += 1
+                if 2 * n_pairs > pkeys.shape[0]:
+                    pkeys, pcount, phead, pstamp = _rehash_pairs(pkeys, pcount, phead, pstamp)
+                    s, _ = _pair_slot(pkeys, a, b)
+        for k in range(n_touched):
+            x = np.int64(np.uint64(touched[k]) >> np.uint64(32))
+            y = touched[k] & 0xFFFFFFFF
+            t, _ = _pair_slot(pkeys, x, y)
+            if pcount[t] > 0:
+                heap, size = _heap_push(heap, size, _heap_key(pcount[t], x, y))
+    return merges[:n_merges], tok_chars, tok_start[:n_tokens], tok_len[:n_tokens], n_entries, n_pairs
+
+
+def _report(merges: int, tokens: int, target: int) -> None:
+    log.info("encoder: %d merges learned, %d of %d tokens", merges, tokens, target)
+
+
+@numba.njit(cache=True, nogil=True)
+def _rehash_pairs(pkeys, pcount, phead, pstamp):
+    keys, moved = _rehashed(pkeys)
+    old = moved >= 0
+    new = moved[old]
+    count = np.zeros(keys.shape[0], np.int64)
+    head = np.full(keys.shape[0], -1, np.int32)
+    stamp = np.full(keys.shape[0], -1, np.int32)
+    count[new] = pcount[old]
+    head[new] = phead[old]
+    stamp[new] = pstamp[old]
+    return keys, count, head, stamp
+
+
+@numba.njit(cache=True, nogil=True)
+def _token_hash(tok_chars, start, length):
+    h = np.uint64(length)
+    for i in range(start, start + length):
+        h = h * _PRIME + np.uint64(tok_chars[i])
+    return h
+
+
+@numba.njit(cache=True, nogil=True)
+def _token_find(tkeys, tids, tok_chars, tok_start, tok_len, t):
+    h = _token_hash(tok_chars, tok_start[t], tok_len[t])
+    mask = tkeys.shape[0] - 1
+    s = _slot(h, mask)
+    while tkeys[s] != EMPTY:
+        if tkeys[s] == h:
+            u = tids[s]
+            if tok_len[u] == tok_len[t]:
+                same = True
+                for i in range(tok_len[t]):
+                    if tok_chars[tok_start[u] + i] != tok_chars[tok_start[t] + i]:
+                        same = False
+                        break
+                if same:
+                    return u
+        s = (s + 1) & mask
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _token_slot_insert(tkeys, tids, tok_chars, tok_start, tok_len, t):
+    h = _token_hash(tok_chars, tok_start[t], tok_len[t])
+    mask = tkeys.shape[0] - 1
+    s = _slot(h, mask)
+    while tkeys[s] != EMPTY:
+        s = (s + 1) & mask
+    tkeys[s] = h
+    tids[s] = t

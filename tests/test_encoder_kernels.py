@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import normalizers
+from tokenizers import AddedToken, normalizers
 
-from encoder.bpe import EOT, PAD, RESERVED_TAGS, Encoder, EncoderSettings, train
-from encoder.kernels import CLASS_LIMIT, CompiledBPE, Unsupported, char_classes
+from encoder.bpe import EOT, PAD, RESERVED_TAGS, CompiledBPE, Encoder, EncoderSettings, Unsupported, train
+from encoder.kernels import CLASS_LIMIT, char_classes
 from tests.test_encoder import TAGGED, TEXTS, TRICKY
 
 ALPHABET = sorted(set("".join(TEXTS + TAGGED)))
@@ -76,3 +76,18 @@ def test_a_tokenizer_it_does_not_implement_is_left_to_the_library(plain):
     assert fallback.compiled is None
     assert fallback.encode("ＡＢＣ") == fallback.reference_encode(["ＡＢＣ"])[0]
     assert fallback.encode_arrays(["ＡＢＣ"])[0].dtype == np.int32
+
+
+def test_overlapping_added_tokens_and_truncation_are_left_to_the_library(plain):
+    """The library matches a special token even where it encodes it as text, hiding a
+    non-special token that overlaps it; truncation cuts ids. Neither is implemented here."""
+    tok = Encoder.from_json(plain.to_json()).tokenizer
+    tok.add_tokens([AddedToken("|>x", special=False, normalized=False)])
+    with pytest.raises(Unsupported, match="added tokens that do not overlap"):
+        CompiledBPE(tok)
+    fallback = Encoder(tok)
+    assert fallback.compiled is None and fallback.encode("<|pad|>x") == fallback.reference_encode(["<|pad|>x"])[0]
+    tok = Encoder.from_json(plain.to_json()).tokenizer
+    tok.enable_truncation(2)
+    with pytest.raises(Unsupported, match="no truncation"):
+        CompiledBPE(tok)

@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from encoder.bpe import EncoderSettings, train
-from encoder.kernels import CompiledBPE
+from encoder.bpe import CompiledBPE, EncoderSettings, train
 from encoder.trainer import PieceCounter, alphabet, learn
 from tests.test_encoder import TEXTS
 
