@@ -121,34 +121,34 @@ def _match_end(codes, i, end, classes):
     if k & NUMBER:
         return j
     if k & JAPANESE:
-        while j < end and _class(classes, codes[j]) & JAPANESE:
-            j += 1
-        while j < end and _class(classes, codes[j]) & CLOSING:
-            j += 1
-        return j
+        return _class_run(codes, _class_run(codes, j, end, classes, JAPANESE), end, classes, CLOSING)
     if k & LATIN:
-        while j < end and _class(classes, codes[j]) & LATIN:
-            j += 1
-        return j
+        return _class_run(codes, j, end, classes, LATIN)
     if c == 13:
         return j + 1 if j < end and codes[j] == 10 else -1
-    if c == 10:
-        while j < end and codes[j] == 10:
-            j += 1
-        return j
+    if c == 10 or c == 0x3000:
+        return _code_run(codes, j, end, c, c)
     if c == 32 or c == 9:
-        while j < end and (codes[j] == 32 or codes[j] == 9):
-            j += 1
-        return j
-    if c == 0x3000:
-        while j < end and codes[j] == 0x3000:
-            j += 1
-        return j
+        return _code_run(codes, j, end, 32, 9)
     if k & SYMBOL:
-        while j < end and _class(classes, codes[j]) & SYMBOL:
-            j += 1
-        return j
+        return _class_run(codes, j, end, classes, SYMBOL)
     return -1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _class_run(codes, j, end, classes, flag):
+    """Where the run of code points in class ``flag`` from ``j`` ends."""
+    while j < end and _class(classes, codes[j]) & flag:
+        j += 1
+    return j
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _code_run(codes, j, end, a, b):
+    """Where the run of code points ``a`` or ``b`` from ``j`` ends."""
+    while j < end and (codes[j] == a or codes[j] == b):
+        j += 1
+    return j
 
 
 @numba.njit(cache=True, nogil=True)
